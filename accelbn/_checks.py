@@ -1,0 +1,96 @@
+"""Argument checks shared by the functional API and the layer. Each raises before any state changes,
+with a message that names the offending argument."""
+
+import numbers
+
+import numpy as np
+
+from accelbn._arrays import library_of
+
+_FLOAT_ITEMSIZES = (2, 4, 8)
+
+
+def array_library(a, name):
+    """The library of ``a`` ("numpy" or "cupy"); TypeError for anything else."""
+    library = library_of(a)
+    if library is None or isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(a).__name__}")
+    return library
+
+
+def float_array(a, name, library):
+    """Check that ``a`` is a float16/32/64 array of ``library``."""
+    other = array_library(a, name)
+    if other != library:
+        raise TypeError(f"{name} is a {other} array but x is a {library} array; pass arrays of one library")
+    if a.dtype.kind != "f" or a.dtype.itemsize not in _FLOAT_ITEMSIZES:
+        raise TypeError(f"{name} must have dtype float16, float32 or float64, got {a.dtype}")
+
+
+def channel_axis(x, axis):
+    """Check ``x``'s rank and normalise ``axis`` into [0, x.ndim)."""
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
+    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for x with {x.ndim} dimensions")
+    return int(axis) % x.ndim
+
+
+def channel_vector(v, name, channels, library, writable=False):
+    """Check an optional per-channel vector: None, or a float array of shape (channels,)."""
+    if v is None:
+        return
+    float_array(v, name, library)
+    if v.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) to match the channels of x, got {v.shape}")
+    if writable and not v.flags.writeable:
+        raise ValueError(f"{name} is read-only, but it is updated in place when training")
+
+
+def same_shape_and_dtype(a, name, x):
+    if a.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x {x.shape}, got {a.shape}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
+
+
+def output_array(out, library, x, inputs):
+    """Check ``out``: x's shape and dtype, writable, and either one of ``inputs`` exactly or disjoint."""
+    if out is None:
+        return
+    float_array(out, "out", library)
+    same_shape_and_dtype(out, "out", x)
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    for name, a in inputs:
+        if not _same_elements(out, a) and np.shares_memory(out, a):
+            raise ValueError(
+                f"out overlaps {name} without being {name} itself; pass {name} (in place) or a separate array"
+            )
+
+
+def _same_elements(a, b):
+    return (
+        a.shape == b.shape
+        and a.strides == b.strides
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    )
+
+
+def boolean(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def real_number(value, name, minimum=None):
+    """A finite real number (not a bool), at least ``minimum`` when given."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
+    return value

@@ -1,0 +1,26 @@
+"""The per-channel formulas of batch normalization, each written once.
+
+Every function here works on NumPy (or CuPy) vectors, which is how the front computes whole channel
+vectors, and on float scalars inside Numba kernels, which is how the fused kernels use them between
+their passes. A kernel and the front therefore cannot disagree on a formula.
+"""
+
+import numpy as np
+
+
+def inverse_std(var, eps):
+    """1 / sqrt(var + eps): the factor that turns x - mean into x-hat."""
+    return 1.0 / np.sqrt(var + eps)
+
+
+def backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, count, training):
+    """Coefficients of dx = (dy - mean_dy - (x - mean) * k) * scale for one channel or a vector.
+
+    ``sum_dy`` and ``sum_dy_xmu`` are the channel sums of dy and dy * (x - mean) over ``count``
+    elements. With ``training=False`` the statistics are constants, so dx = dy * weight * invstd.
+    """
+    scale = weight * invstd
+    if training:
+        return sum_dy / count, sum_dy_xmu * invstd * invstd / count, scale
+    # Plain zeros, not 0 * sum: a NaN in one element of dy must not spread over its channel.
+    return 0.0, 0.0, scale
