@@ -13,8 +13,8 @@ _CHANNEL_SUM_AXES = (0, 2)
 
 
 def _per_channel(v):
-    """Broadcast a per-channel vector against (outer, C, inner)."""
-    return np.asarray(v, dtype=np.float64)[None, :, None]
+    """Broadcast a per-channel vector (or a scalar) against (outer, C, inner)."""
+    return np.reshape(np.asarray(v, dtype=np.float64), (1, -1, 1))
 
 
 def _channel_mean(x64):

@@ -1,0 +1,61 @@
+"""Shared fixtures: the backend table every conformance test runs through, and the float64 oracle."""
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+import accelbn as abn
+
+settings.register_profile("default", max_examples=40, deadline=None, print_blob=True)
+settings.load_profile("default")
+
+# Every backend that can run here goes through the same tests; the NumPy reference is the oracle.
+BACKENDS = abn.available_backends()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def rel_error(actual, expected):
+    """Norm-wise relative error, the measure the tolerances are stated in."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = np.linalg.norm(expected.ravel())
+    return np.linalg.norm((actual - expected).ravel()) / (scale if scale else 1.0)
+
+
+# float32 within 2e-5 (norm-wise) of a float64 reference; float64 within 1e-10; float16 at its precision.
+TOLERANCE = {np.float16: 2e-3, np.float32: 2e-5, np.float64: 1e-10}
+
+
+def tolerance(dtype):
+    return TOLERANCE[np.dtype(dtype).type]
+
+
+def assert_matches_reference(got, want):
+    """``got`` within its dtype's tolerance of the float64 ``want``, plus the error that rounding
+    ``want`` itself to that dtype costs (it dominates only for results near the dtype's underflow)."""
+    representable = rel_error(np.asarray(want).astype(got.dtype), want)
+    assert rel_error(got, want) <= tolerance(got.dtype) + 2 * representable
+
+
+def reference_forward(x, running_mean, running_var, weight, bias, training, momentum=0.1, eps=1e-5, axis=1):
+    """The oracle: the NumPy reference backend on float64 copies of every input."""
+    as64 = lambda v: None if v is None else np.asarray(v, dtype=np.float64).copy()
+    rm, rv = as64(running_mean), as64(running_var)
+    y, stats = abn.batch_norm(
+        as64(x), rm, rv, as64(weight), as64(bias), training, momentum, eps, axis=axis, return_stats=True, backend="numpy"
+    )
+    return y, stats, rm, rv
+
+
+def reference_backward(dy, x, stats, weight, training, axis=1):
+    as64 = lambda v: None if v is None else np.asarray(v, dtype=np.float64)
+    stats64 = abn.BatchStats(as64(stats.mean), as64(stats.invstd))
+    return abn.batch_norm_backward(as64(dy), as64(x), stats64, as64(weight), training=training, axis=axis, backend="numpy")
+
+
+def random_array(shape, dtype=np.float32, seed=0, loc=0.0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale + loc).astype(dtype)

@@ -1,0 +1,171 @@
+"""Every backend, through one table of layouts and modes, against the float64 NumPy reference."""
+
+import numpy as np
+import pytest
+from conftest import random_array, reference_backward, reference_forward, rel_error, tolerance
+
+import accelbn as abn
+
+
+def _channels_last_as_nchw(shape):
+    n, c, h, w = shape
+    return random_array((n, h, w, c), seed=3).transpose(0, 3, 1, 2)
+
+
+# name: (make x, axis). Sizes are chosen so that several statistics chunks and row blocks are used.
+LAYOUTS = {
+    "NC": (lambda: random_array((37, 5)), 1),
+    "NC-many-rows": (lambda: random_array((20000, 4), seed=1), 1),
+    "NCL": (lambda: random_array((4, 3, 7)), 1),
+    "NCHW": (lambda: random_array((3, 4, 5, 6)), 1),
+    "NCHW-chunks": (lambda: random_array((9, 3, 40, 40), seed=2), 1),
+    "NCDHW": (lambda: random_array((2, 3, 3, 4, 5)), 1),
+    "NHWC-axis-1": (lambda: random_array((3, 5, 6, 4)), -1),
+    "NHWC-memory-as-NCHW": (lambda: _channels_last_as_nchw((3, 4, 5, 6)), 1),
+    "strided-unmergeable": (lambda: random_array((4, 6, 10, 9))[:, 1::2, ::2, 1::3], 1),
+    "negative-strides": (lambda: random_array((3, 4, 5, 6))[::-1, :, :, ::-1], 1),
+    "channel-axis-2": (lambda: random_array((3, 4, 5, 6)), 2),
+    "C=1": (lambda: random_array((6, 1, 3, 3)), 1),
+    "spatial-1x1": (lambda: random_array((8, 5, 1, 1)), 1),
+}
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request):
+    make, axis = LAYOUTS[request.param]
+    return make(), axis
+
+
+@pytest.fixture(params=[np.float32, np.float64])
+def dtype(request):
+    return request.param
+
+
+def _params(channels, dtype, seed=7):
+    rng = np.random.default_rng(seed)
+    return {
+        "running_mean": rng.standard_normal(channels).astype(dtype),
+        "running_var": rng.uniform(0.5, 2.0, channels).astype(dtype),
+        "weight": rng.uniform(0.5, 1.5, channels).astype(dtype),
+        "bias": rng.standard_normal(channels).astype(dtype),
+    }
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_matches_reference(backend, layout, dtype, training):
+    x, axis = layout
+    x = x.astype(dtype)
+    p = _params(x.shape[axis], dtype)
+    expected, expected_stats, expected_rm, expected_rv = reference_forward(x, **p, training=training, axis=axis)
+    y, stats = abn.batch_norm(x, **p, training=training, axis=axis, return_stats=True, backend=backend)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    tol = tolerance(dtype)
+    assert rel_error(y, expected) < tol
+    assert stats.mean.dtype == stats.invstd.dtype == (np.float64 if dtype == np.float64 else np.float32)
+    assert rel_error(stats.mean, expected_stats.mean) < tol
+    assert rel_error(stats.invstd, expected_stats.invstd) < tol
+    assert rel_error(p["running_mean"], expected_rm) < tol
+    assert rel_error(p["running_var"], expected_rv) < tol
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+def test_backward_matches_reference(backend, layout, dtype, training):
+    x, axis = layout
+    x = x.astype(dtype)
+    p = _params(x.shape[axis], dtype)
+    dy = random_array(x.shape, dtype, seed=11)
+    _, stats = abn.batch_norm(x, None, None, p["weight"], p["bias"], True, axis=axis, return_stats=True)
+    expected = reference_backward(dy, x, stats, p["weight"], training, axis=axis)
+    dx, dweight, dbias = abn.batch_norm_backward(dy, x, stats, p["weight"], training=training, axis=axis, backend=backend)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    assert dweight.dtype == dbias.dtype == dtype
+    tol = tolerance(dtype)
+    for got, want in zip((dx, dweight, dbias), expected):
+        assert rel_error(got, want) < tol
+
+
+def test_float16_input_with_float32_parameters(backend):
+    x = random_array((8, 3, 6, 6), np.float16)
+    p = _params(3, np.float32)
+    expected, _, expected_rm, expected_rv = reference_forward(x, **p, training=True)
+    y, stats = abn.batch_norm(x, **p, training=True, return_stats=True, backend=backend)
+    assert y.dtype == np.float16 and stats.mean.dtype == np.float32
+    assert rel_error(y, expected) < tolerance(np.float16)
+    assert rel_error(p["running_var"], expected_rv) < 1e-6  # statistics are accumulated in float32 or better
+    dy = random_array(x.shape, np.float16, seed=5)
+    dx, dweight, _ = abn.batch_norm_backward(dy, x, stats, p["weight"], backend=backend)
+    assert dx.dtype == np.float16 and dweight.dtype == np.float32
+    assert rel_error(dx, reference_backward(dy, x, stats, p["weight"], True)[0]) < tolerance(np.float16)
+
+
+def test_without_weight_bias_or_running_stats(backend):
+    x = random_array((6, 4, 3, 3))
+    expected, _, _, _ = reference_forward(x, None, None, None, None, training=True)
+    assert rel_error(abn.batch_norm(x, None, None, training=True, backend=backend), expected) < 2e-5
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_out_receives_the_result(backend, dtype, training):
+    x = random_array((4, 3, 5, 5), dtype)
+    p = _params(3, dtype)
+    expected = abn.batch_norm(x, **_params(3, dtype), training=training, backend=backend)
+    out = np.empty_like(x)
+    assert abn.batch_norm(x, **p, training=training, out=out, backend=backend) is out
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    "make_out",
+    [lambda x: np.empty(x.shape[::-1], x.dtype).T, lambda x: np.empty(x.shape + (2,), x.dtype)[..., 1]],
+    ids=["transposed", "strided"],
+)
+def test_out_with_another_memory_layout(backend, make_out):
+    x = random_array((4, 3, 5, 5))
+    out = make_out(x)
+    abn.batch_norm(x, None, None, training=True, out=out, backend=backend)
+    np.testing.assert_allclose(out, abn.batch_norm(x, None, None, training=True, backend=backend), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_in_place_forward(backend, training):
+    x = random_array((4, 3, 5, 5))
+    expected = abn.batch_norm(x, np.zeros(3, np.float32), np.ones(3, np.float32), training=training, backend=backend)
+    y = abn.batch_norm(x, np.zeros(3, np.float32), np.ones(3, np.float32), training=training, out=x, backend=backend)
+    assert y is x
+    np.testing.assert_array_equal(x, expected)
+
+
+@pytest.mark.parametrize("alias", ["dy", "x"])
+def test_in_place_backward(backend, alias):
+    x = random_array((4, 3, 5, 5))
+    dy = random_array(x.shape, seed=1)
+    _, stats = abn.batch_norm(x, None, None, training=True, return_stats=True)
+    expected = abn.batch_norm_backward(dy, x, stats, backend=backend)
+    target = dy if alias == "dy" else x
+    dx, dweight, dbias = abn.batch_norm_backward(dy, x, stats, out=target, backend=backend)
+    assert dx is target
+    np.testing.assert_array_equal(dx, expected[0])
+    np.testing.assert_array_equal(dweight, expected[1])
+    np.testing.assert_array_equal(dbias, expected[2])
+
+
+def test_big_endian_input(backend):
+    x = random_array((4, 3, 5, 5), np.float64)
+    swapped = x.astype(x.dtype.newbyteorder(">"))
+    y = abn.batch_norm(swapped, None, None, training=True, backend=backend)
+    assert y.dtype == swapped.dtype
+    np.testing.assert_array_equal(y, abn.batch_norm(x, None, None, training=True, backend=backend))
+
+
+def test_empty_batch_in_training_leaves_running_stats(backend):
+    x = np.empty((0, 3, 4), np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y = abn.batch_norm(x, rm, rv, training=True, backend=backend)
+    assert y.shape == x.shape
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+
+
+def test_eval_of_empty_batch(backend):
+    x = np.empty((0, 3), np.float32)
+    assert abn.batch_norm(x, np.zeros(3, np.float32), np.ones(3, np.float32), backend=backend).shape == (0, 3)

@@ -1,0 +1,106 @@
+"""Numerical promises: stable variance, exact constant channels, NaN isolation, precision against a
+float64 reference, and bitwise determinism run to run and across thread counts."""
+
+import numba
+import numpy as np
+import pytest
+from conftest import random_array, reference_backward, reference_forward, rel_error
+
+import accelbn as abn
+
+LAYOUTS = [((16, 4, 30, 30), 1), ((4096, 8), 1), ((8, 12, 12, 6), -1)]
+LAYOUT_IDS = ["NCHW", "NC", "NHWC"]
+
+
+@pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
+def test_large_mean_small_std_in_float32(backend, shape, axis):
+    # E[x^2] - E[x]^2 loses every digit here: x^2 ~ 1e8 while the variance is 1e-4.
+    x = random_array(shape, np.float32, loc=1e4, scale=1e-2)
+    expected, _, _, _ = reference_forward(x, None, None, None, None, training=True, axis=axis)
+    y = abn.batch_norm(x, None, None, training=True, axis=axis, backend=backend)
+    assert np.abs(y - expected).max() / np.abs(expected).max() < 1e-3
+    assert rel_error(y, expected) < 2e-5
+
+
+@pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_constant_channel_gives_exactly_the_bias(backend, shape, axis, dtype):
+    x = random_array(shape, dtype)
+    constant = [slice(None)] * x.ndim
+    constant[axis] = 1
+    x[tuple(constant)] = 0.1
+    bias = np.arange(x.shape[axis], dtype=dtype)
+    rv = np.ones(x.shape[axis], dtype)
+    y = abn.batch_norm(x, np.zeros_like(rv), rv, None, bias, True, axis=axis, backend=backend)
+    assert np.all(y[tuple(constant)] == bias[1])
+    assert rv[1] == 0.9  # the running variance moved towards 0, exactly
+
+
+@pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
+def test_nan_poisons_only_its_channel(backend, shape, axis):
+    x = random_array(shape)
+    index = [0] * x.ndim
+    index[axis] = 2
+    x[tuple(index)] = np.nan
+    rm, rv = np.zeros(x.shape[axis], np.float32), np.ones(x.shape[axis], np.float32)
+    y, stats = abn.batch_norm(x, rm, rv, training=True, axis=axis, return_stats=True, backend=backend)
+    bad = np.moveaxis(np.isnan(y), axis, 0).reshape(x.shape[axis], -1)
+    assert bad[2].all() and not np.delete(bad, 2, axis=0).any()
+    assert np.isnan(rm[2]) and np.isnan(rv[2]) and np.isfinite(np.delete(rm, 2)).all()
+    dy = random_array(shape, seed=1)
+    dx, dweight, _ = abn.batch_norm_backward(dy, x, stats, axis=axis, backend=backend)
+    bad = np.moveaxis(np.isnan(dx), axis, 0).reshape(x.shape[axis], -1)
+    assert bad[2].all() and not np.delete(bad, 2, axis=0).any()
+    assert np.isnan(dweight[2]) and np.isfinite(np.delete(dweight, 2)).all()
+
+
+def test_nan_in_dy_stays_in_its_element_with_frozen_statistics(backend):
+    x = random_array((4, 3, 5))
+    dy = random_array(x.shape, seed=1)
+    dy[1, 2, 3] = np.nan
+    stats = abn.BatchStats(np.zeros(3, np.float32), np.ones(3, np.float32))
+    dx, _, _ = abn.batch_norm_backward(dy, x, stats, training=False, backend=backend)
+    assert np.isnan(dx).sum() == 1
+
+
+@pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_precision_against_float64_reference(backend, shape, axis, dtype):
+    x = random_array(shape, dtype, loc=3.0, scale=5.0)
+    dy = random_array(shape, dtype, seed=1)
+    expected, stats64, _, _ = reference_forward(x, None, None, None, None, training=True, axis=axis)
+    y, stats = abn.batch_norm(x, None, None, training=True, axis=axis, return_stats=True, backend=backend)
+    tol = 2e-5 if dtype == np.float32 else 1e-10
+    assert rel_error(y, expected) < tol
+    expected_dx = reference_backward(dy, x, stats64, None, True, axis=axis)[0]
+    assert rel_error(abn.batch_norm_backward(dy, x, stats, axis=axis, backend=backend)[0], expected_dx) < tol
+
+
+def _all_outputs(x, dy, axis):
+    rm, rv = np.zeros(x.shape[axis], x.dtype), np.ones(x.shape[axis], x.dtype)
+    y, stats = abn.batch_norm(x, rm, rv, training=True, axis=axis, return_stats=True, backend="numba")
+    grads = abn.batch_norm_backward(dy, x, stats, axis=axis, backend="numba")
+    frozen = abn.batch_norm_backward(dy, x, stats, axis=axis, training=False, backend="numba")
+    evaluated = abn.batch_norm(x, rm, rv, axis=axis, backend="numba")
+    return [y, *stats, rm, rv, *grads, *frozen, evaluated]
+
+
+# Large enough that every channel spans many statistics chunks and row blocks.
+DETERMINISM = [((32, 5, 40, 40), 1), ((70000, 6), 1), ((30, 40, 40, 3), -1)]
+
+
+@pytest.mark.parametrize("shape, axis", DETERMINISM, ids=["NCHW", "NC", "NHWC"])
+def test_bitwise_identical_run_to_run_and_for_1_and_2_threads(shape, axis):
+    x = random_array(shape, loc=2.0)
+    dy = random_array(shape, seed=1)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _all_outputs(x, dy, axis)
+        numba.set_num_threads(2)
+        two = _all_outputs(x, dy, axis)
+        again = _all_outputs(x, dy, axis)
+    finally:
+        numba.set_num_threads(before)
+    for a, b, c in zip(one, two, again):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
