@@ -13,7 +13,7 @@ _FLOAT_ITEMSIZES = (2, 4, 8)
 def array_library(a, name):
     """The library of ``a`` ("numpy" or "cupy"); TypeError for anything else."""
     library = library_of(a)
-    if library is None or isinstance(a, np.ma.MaskedArray):
+    if library is None or isinstance(a, (np.ma.MaskedArray, np.matrix)):
         raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(a).__name__}")
     return library
 
@@ -64,6 +64,8 @@ def output_array(out, library, x, inputs):
     same_shape_and_dtype(out, "out", x)
     if not out.flags.writeable:
         raise ValueError("out is read-only")
+    if any(stride == 0 and n > 1 for stride, n in zip(out.strides, out.shape)):
+        raise ValueError("out has elements that share memory (a zero stride); pass an array with distinct elements")
     for name, a in inputs:
         if not _same_elements(out, a) and np.shares_memory(out, a):
             raise ValueError(
@@ -77,6 +79,12 @@ def _same_elements(a, b):
         and a.strides == b.strides
         and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
     )
+
+
+def distinct_buffers(a, a_name, b, b_name):
+    """Two arrays that are both written must not share memory."""
+    if a is not None and b is not None and np.shares_memory(a, b):
+        raise ValueError(f"{a_name} and {b_name} share memory; pass separate arrays")
 
 
 def boolean(value, name):

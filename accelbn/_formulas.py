@@ -13,14 +13,10 @@ def inverse_std(var, eps):
     return 1.0 / np.sqrt(var + eps)
 
 
-def backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, count, training):
-    """Coefficients of dx = (dy - mean_dy - (x - mean) * k) * scale for one channel or a vector.
+def backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, count):
+    """Coefficients of the training gradient dx = (dy - mean_dy - (x - mean) * k) * scale.
 
     ``sum_dy`` and ``sum_dy_xmu`` are the channel sums of dy and dy * (x - mean) over ``count``
-    elements. With ``training=False`` the statistics are constants, so dx = dy * weight * invstd.
+    elements; works per channel or on whole channel vectors.
     """
-    scale = weight * invstd
-    if training:
-        return sum_dy / count, sum_dy_xmu * invstd * invstd / count, scale
-    # Plain zeros, not 0 * sum: a NaN in one element of dy must not spread over its channel.
-    return 0.0, 0.0, scale
+    return sum_dy / count, sum_dy_xmu * invstd * invstd / count, weight * invstd

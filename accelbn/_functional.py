@@ -83,6 +83,7 @@ def batch_norm(
         _checks.channel_vector(v, name, channels, library)
     for name, v in (("running_mean", running_mean), ("running_var", running_var)):
         _checks.channel_vector(v, name, channels, library, writable=training)
+    _checks.distinct_buffers(running_mean, "running_mean", running_var, "running_var")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
     if not training and running_mean is None:
@@ -93,15 +94,15 @@ def batch_norm(
     _checks.output_array(out, library, x, [("x", x)])
 
     dtype = _kernel_dtype(x.dtype)
-    form = _layout.choose_form(x, axis)
-    y = _layout.Output(out, x, axis, form, dtype)
+    order = _layout.channel_order(x, axis)
+    y = _layout.Output(out, x.shape, *order, dtype)
     weight64 = _float64_or(weight, channels, 1.0)
     bias64 = _float64_or(bias, channels, 0.0)
     if training and x.size == 0:  # PyTorch returns an empty y and leaves running stats alone
         mean = var = np.full(channels, np.nan)
         invstd = inverse_std(var, eps)
     elif training:
-        mean, var = kernels.forward_train(_layout.input3(x, axis, form, dtype), weight64, bias64, eps, y.view)
+        mean, var = kernels.forward_train(_layout.input3(x, *order, dtype), weight64, bias64, eps, y.view)
         invstd = inverse_std(var, eps)
         if running_mean is not None:
             new_mean = _blend(running_mean, mean, momentum)
@@ -112,7 +113,7 @@ def batch_norm(
         mean = running_mean.astype(np.float64)
         invstd = inverse_std(running_var.astype(np.float64), eps)
         if x.size:
-            kernels.normalize(_layout.input3(x, axis, form, dtype), mean, weight64 * invstd, bias64, y.view)
+            kernels.normalize(_layout.input3(x, *order, dtype), mean, weight64 * invstd, bias64, y.view)
 
     result = y.result().astype(x.dtype, copy=False)
     if return_stats:
@@ -148,14 +149,14 @@ def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out
     _checks.output_array(out, library, x, [("dy", dy), ("x", x)])
 
     dtype = _kernel_dtype(x.dtype)
-    form = _layout.choose_form(x, axis)
-    dx = _layout.Output(out, x, axis, form, dtype)
+    order = _layout.channel_order(x, axis)
+    dx = _layout.Output(out, x.shape, *order, dtype)
     mean = stats.mean.astype(np.float64)
     invstd = stats.invstd.astype(np.float64)
     if x.size:
         sum_dy, sum_dy_xmu = kernels.backward(
-            _layout.input3(dy, axis, form, dtype),
-            _layout.input3(x, axis, form, dtype),
+            _layout.input3(dy, *order, dtype),
+            _layout.input3(x, *order, dtype),
             mean,
             invstd,
             _float64_or(weight, channels, 1.0),

@@ -131,7 +131,8 @@ class BatchNorm:
         """Load a state dict (e.g. a PyTorch BatchNorm's, as NumPy arrays or CPU tensors).
 
         Every entry is checked before any is written. With ``strict=True`` the keys must match
-        :meth:`state_dict`'s exactly; with ``strict=False`` missing and unexpected keys are ignored.
+        :meth:`state_dict`'s exactly; with ``strict=False`` missing and unexpected keys are ignored
+        (e.g. for old checkpoints without ``num_batches_tracked``).
         """
         names = self._state_names()
         missing = [n for n in names if n not in state_dict]
@@ -142,7 +143,8 @@ class BatchNorm:
         for name in names:
             if name not in state_dict:
                 continue
-            value = np.asarray(state_dict[name])
+            value = state_dict[name]
+            value = np.asarray(value.detach() if hasattr(value, "detach") else value)  # torch parameters too
             target = getattr(self, name)
             if value.shape != target.shape:
                 raise ValueError(f"state_dict[{name!r}] must have shape {target.shape}, got {value.shape}")

@@ -1,13 +1,12 @@
 """The canonical ``(outer, C, inner)`` view that every kernel works on.
 
-An N-d array with channel axis ``axis`` is viewed in one of two forms, chosen by where the channel
-sits in memory, not by the ``axis`` argument:
+The axes of an N-d array are ordered by where they sit in memory, not by the ``axis`` argument:
+the non-channel axes laid out slower than the channel axis (larger stride) form ``outer``, the
+faster ones form ``inner``. So NCHW memory becomes ``(N, C, H*W)``, NHWC memory becomes
+``(N*H*W, C, 1)`` whichever axis order it is indexed in, and a Fortran-ordered (N, C) array
+becomes ``(1, C, N)``; kernels pick their loop family from ``inner``.
 
-* channels-first: ``(prod(shape[:axis]), C, prod(shape[axis+1:]))``, for NCHW-like memory;
-* channels-last: the channel axis moved last, then ``(prod(other axes), C, 1)``, for NHWC-like
-  memory and for (N, C) arrays.
-
-A view is taken without copying whenever strides allow; only arrays whose strides cannot be merged
+The view shares memory whenever strides allow; only inputs whose strides cannot be merged
 (e.g. ``x[:, :, ::2, ::2]``) are copied. Outputs that cannot be viewed are computed in a scratch
 array and copied into ``out`` at the end.
 """
@@ -16,43 +15,39 @@ import math
 
 import numpy as np
 
-CHANNELS_FIRST = "channels-first"
-CHANNELS_LAST = "channels-last"
+
+def channel_order(x, axis):
+    """The axes of ``x`` as (outer..., axis, inner...), each part in decreasing stride order.
+
+    Axes of length 1 carry no data and go to outer; with a single channel everything else is inner.
+    """
+    others = sorted((a for a in range(x.ndim) if a != axis), key=lambda a: -abs(x.strides[a]))
+    channel_stride = abs(x.strides[axis]) if x.shape[axis] > 1 else math.inf
+    outer = [a for a in others if x.shape[a] == 1 or abs(x.strides[a]) > channel_stride]
+    inner = [a for a in others if a not in outer]
+    return (*outer, axis, *inner), len(outer)
 
 
-def choose_form(x, axis):
-    """Channels-last when the channel axis has the smallest stride of the non-trivial axes."""
-    strides = [abs(s) for s, n in zip(x.strides, x.shape) if n > 1]
-    if x.shape[axis] > 1 and abs(x.strides[axis]) == min(strides):
-        return CHANNELS_LAST
-    return CHANNELS_FIRST
+def _shape3(shape, order, n_outer):
+    sizes = [shape[a] for a in order]
+    return (math.prod(sizes[:n_outer]), sizes[n_outer], math.prod(sizes[n_outer + 1 :]))
 
 
-def _in_form_order(a, axis, form):
-    return (np.moveaxis(a, axis, -1), a.ndim - 1) if form == CHANNELS_LAST else (a, axis)
-
-
-def _shape3(shape, axis):
-    return (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
-
-
-def view3(a, axis, form):
+def view3(a, order, n_outer):
     """The canonical view of ``a`` sharing its memory, or None when strides forbid one."""
-    a, axis = _in_form_order(a, axis, form)
     try:
-        return a.reshape(_shape3(a.shape, axis), copy=False)
+        return a.transpose(order).reshape(_shape3(a.shape, order, n_outer), copy=False)
     except ValueError:
         return None
 
 
-def input3(a, axis, form, dtype):
+def input3(a, order, n_outer, dtype):
     """The canonical view of an input, as ``dtype`` in native byte order; copies only when needed."""
     if a.dtype == dtype:
-        v = view3(a, axis, form)
+        v = view3(a, order, n_outer)
         if v is not None:
             return v
-    a, axis = _in_form_order(a, axis, form)
-    return np.ascontiguousarray(a, dtype=dtype).reshape(_shape3(a.shape, axis))
+    return np.ascontiguousarray(a.transpose(order), dtype=dtype).reshape(_shape3(a.shape, order, n_outer))
 
 
 class Output:
@@ -62,17 +57,16 @@ class Output:
     copying the scratch array into ``out`` first when one was needed.
     """
 
-    def __init__(self, out, like, axis, form, dtype):
+    def __init__(self, out, shape, order, n_outer, dtype):
         self._out = out
         self._scratch = None
         self.view = None
         if out is not None and out.dtype == dtype:
-            self.view = view3(out, axis, form)
+            self.view = view3(out, order, n_outer)
         if self.view is None:
-            moved, moved_axis = _in_form_order(like, axis, form)
-            self.view = np.empty(_shape3(moved.shape, moved_axis), dtype=dtype)
-            scratch = self.view.reshape(moved.shape)
-            self._scratch = np.moveaxis(scratch, -1, axis) if form == CHANNELS_LAST else scratch
+            self.view = np.empty(_shape3(shape, order, n_outer), dtype=dtype)
+            permuted = self.view.reshape([shape[a] for a in order])
+            self._scratch = permuted.transpose(np.argsort(order))
 
     def result(self):
         if self._out is None:

@@ -42,7 +42,7 @@ _backward_coefficients = njit(inline="always", error_model="numpy")(backward_coe
 def _sum_shifted(v, shift):
     s = 0.0
     for i in range(v.shape[0]):
-        s += float(v[i]) - shift
+        s += np.float64(v[i]) - shift
     return s
 
 
@@ -50,7 +50,7 @@ def _sum_shifted(v, shift):
 def _sum_squared_deviations(v, mean):
     s = 0.0
     for i in range(v.shape[0]):
-        d = float(v[i]) - mean
+        d = np.float64(v[i]) - mean
         s += d * d
     return s
 
@@ -60,9 +60,9 @@ def _gradient_sums(dy, x, mean):
     sum_dy = 0.0
     sum_dy_xmu = 0.0
     for i in range(dy.shape[0]):
-        g = float(dy[i])
+        g = np.float64(dy[i])
         sum_dy += g
-        sum_dy_xmu += g * (float(x[i]) - mean)
+        sum_dy_xmu += g * (np.float64(x[i]) - mean)
     return sum_dy, sum_dy_xmu
 
 
@@ -77,13 +77,13 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 @njit(**_OPTIONS)
 def _affine_row(x, mean, scale, shift, y):
     for i in range(x.shape[0]):
-        y[i] = (float(x[i]) - mean) * scale + shift
+        y[i] = (np.float64(x[i]) - mean) * scale + shift
 
 
 @njit(**_OPTIONS)
 def _backward_row(dy, x, mean, mean_dy, k, scale, dx):
     for i in range(dy.shape[0]):
-        dx[i] = (float(dy[i]) - mean_dy - (float(x[i]) - mean) * k) * scale
+        dx[i] = (np.float64(dy[i]) - mean_dy - (np.float64(x[i]) - mean) * k) * scale
 
 
 # --- channels-first: (outer, C, inner), one task per channel -------------------------------------
@@ -97,11 +97,11 @@ def _forward_train_channels_first(x, weight, bias, eps, y, mean, var):
         n, m, m2 = 0.0, 0.0, 0.0
         for r0 in range(0, outer, rows_per_chunk):
             r1 = min(r0 + rows_per_chunk, outer)
-            shift = float(x[r0, c, 0])
+            shift = np.float64(x[r0, c, 0])
             s = 0.0
             for r in range(r0, r1):
                 s += _sum_shifted(x[r, c], shift)
-            n_chunk = float((r1 - r0) * inner)
+            n_chunk = np.float64((r1 - r0) * inner)
             m_chunk = shift + s / n_chunk
             q = 0.0
             for r in range(r0, r1):
@@ -126,7 +126,7 @@ def _normalize_channels_first(x, mean, scale, shift, y):
 @njit(parallel=True, **_OPTIONS)
 def _backward_channels_first(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu):
     outer, channels, inner = x.shape
-    count = float(outer * inner)
+    count = np.float64(outer * inner)
     for c in prange(channels):
         a, b = 0.0, 0.0
         for r in range(outer):
@@ -135,9 +135,13 @@ def _backward_channels_first(dy, x, mean, invstd, weight, training, dx, sum_dy, 
             b += rb
         sum_dy[c] = a
         sum_dy_xmu[c] = b
-        mean_dy, k, scale = _backward_coefficients(a, b, invstd[c], weight[c], count, training)
-        for r in range(outer):
-            _backward_row(dy[r, c], x[r, c], mean[c], mean_dy, k, scale, dx[r, c])
+        if training:
+            mean_dy, k, scale = _backward_coefficients(a, b, invstd[c], weight[c], count)
+            for r in range(outer):
+                _backward_row(dy[r, c], x[r, c], mean[c], mean_dy, k, scale, dx[r, c])
+        else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+            for r in range(outer):
+                _affine_row(dy[r, c], 0.0, weight[c] * invstd[c], 0.0, dx[r, c])
 
 
 # --- channels-last: (rows, C), fixed row blocks ---------------------------------------------------
@@ -155,12 +159,12 @@ def _block_moments_channels_last(x, block_rows, block_mean, block_m2):
         bq[:] = 0.0
         for r in range(r0, r1):
             for c in range(channels):
-                bm[c] += float(x[r, c]) - float(x[r0, c])
+                bm[c] += np.float64(x[r, c]) - np.float64(x[r0, c])
         for c in range(channels):
-            bm[c] = float(x[r0, c]) + bm[c] / (r1 - r0)
+            bm[c] = np.float64(x[r0, c]) + bm[c] / (r1 - r0)
         for r in range(r0, r1):
             for c in range(channels):
-                d = float(x[r, c]) - bm[c]
+                d = np.float64(x[r, c]) - bm[c]
                 bq[c] += d * d
 
 
@@ -169,7 +173,7 @@ def _merge_block_moments(rows, block_rows, block_mean, block_m2, mean, var):
     for c in range(block_mean.shape[1]):
         n, m, m2 = 0.0, 0.0, 0.0
         for b in range(block_mean.shape[0]):
-            n_block = float(min(block_rows, rows - b * block_rows))
+            n_block = np.float64(min(block_rows, rows - b * block_rows))
             n, m, m2 = _chan_merge(n, m, m2, n_block, block_mean[b, c], block_m2[b, c])
         mean[c] = m
         var[c] = m2 / n
@@ -181,7 +185,7 @@ def _normalize_channels_last(x, block_rows, mean, scale, shift, y):
     for b in prange((rows + block_rows - 1) // block_rows):
         for r in range(b * block_rows, min((b + 1) * block_rows, rows)):
             for c in range(channels):
-                y[r, c] = (float(x[r, c]) - mean[c]) * scale[c] + shift[c]
+                y[r, c] = (np.float64(x[r, c]) - mean[c]) * scale[c] + shift[c]
 
 
 @njit(parallel=True, **_OPTIONS)
@@ -194,9 +198,9 @@ def _block_gradient_sums_channels_last(dy, x, mean, block_rows, block_dy, block_
         sb[:] = 0.0
         for r in range(b * block_rows, min((b + 1) * block_rows, rows)):
             for c in range(channels):
-                g = float(dy[r, c])
+                g = np.float64(dy[r, c])
                 sa[c] += g
-                sb[c] += g * (float(x[r, c]) - mean[c])
+                sb[c] += g * (np.float64(x[r, c]) - mean[c])
 
 
 @njit(parallel=True, **_OPTIONS)
@@ -205,11 +209,12 @@ def _backward_apply_channels_last(dy, x, block_rows, mean, mean_dy, k, scale, dx
     for b in prange((rows + block_rows - 1) // block_rows):
         for r in range(b * block_rows, min((b + 1) * block_rows, rows)):
             for c in range(channels):
-                dx[r, c] = (float(dy[r, c]) - mean_dy[c] - (float(x[r, c]) - mean[c]) * k[c]) * scale[c]
+                dx[r, c] = (np.float64(dy[r, c]) - mean_dy[c] - (np.float64(x[r, c]) - mean[c]) * k[c]) * scale[c]
 
 
 def _block_rows(channels):
-    return max(1, ROW_BLOCK // max(channels, 1))
+    # At least 64 rows, so that the float64 partials stay small next to x however wide a row is.
+    return max(64, ROW_BLOCK // max(channels, 1))
 
 
 def _block_count(rows, block_rows):
@@ -262,11 +267,12 @@ def backward(dy, x, mean, invstd, weight, training, dx):
     _block_gradient_sums_channels_last(dy2, x2, mean, block_rows, block_dy, block_dy_xmu)
     sum_dy = _sum_blocks(block_dy)
     sum_dy_xmu = _sum_blocks(block_dy_xmu)
-    count = float(x2.shape[0])
-    mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, count, training)
-    mean_dy = np.full(channels, mean_dy)  # frozen statistics give scalar zeros
-    k = np.full(channels, k)
-    _backward_apply_channels_last(dy2, x2, block_rows, mean, mean_dy, k, scale, dx2)
+    if training:
+        mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, x2.shape[0])
+        _backward_apply_channels_last(dy2, x2, block_rows, mean, mean_dy, k, scale, dx2)
+    else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+        zeros = np.zeros(channels)
+        _normalize_channels_last(dy2, block_rows, zeros, weight * invstd, zeros, dx2)
     return sum_dy, sum_dy_xmu
 
 

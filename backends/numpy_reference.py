@@ -13,8 +13,8 @@ _CHANNEL_SUM_AXES = (0, 2)
 
 
 def _per_channel(v):
-    """Broadcast a per-channel vector (or a scalar) against (outer, C, inner)."""
-    return np.reshape(np.asarray(v, dtype=np.float64), (1, -1, 1))
+    """Broadcast a per-channel vector against (outer, C, inner)."""
+    return np.asarray(v, dtype=np.float64)[None, :, None]
 
 
 def _channel_mean(x64):
@@ -41,7 +41,9 @@ def backward(dy, x, mean, invstd, weight, training, dx):
     xmu = x.astype(np.float64) - _per_channel(mean)
     sum_dy = dy64.sum(axis=_CHANNEL_SUM_AXES)
     sum_dy_xmu = (dy64 * xmu).sum(axis=_CHANNEL_SUM_AXES)
-    count = x.shape[0] * x.shape[2]
-    mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, count, training)
-    dx[...] = (dy64 - _per_channel(mean_dy) - xmu * _per_channel(k)) * _per_channel(scale)
+    if training:
+        mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, x.shape[0] * x.shape[2])
+        dx[...] = (dy64 - _per_channel(mean_dy) - xmu * _per_channel(k)) * _per_channel(scale)
+    else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+        dx[...] = dy64 * _per_channel(weight * invstd)
     return sum_dy, sum_dy_xmu

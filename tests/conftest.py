@@ -1,8 +1,21 @@
 """Shared fixtures: the backend table every conformance test runs through, and the float64 oracle."""
 
+import hashlib
+import os
+import pathlib
+import tempfile
+
 import numpy as np
 import pytest
 from hypothesis import settings
+
+# Numba invalidates a cached kernel when its own file changes, not when a function it inlines from
+# another file does (accelbn/_formulas.py). Tests compile into a cache keyed by those sources, so an
+# edited formula can never be tested through a stale kernel. Set before Numba is first imported.
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_KERNEL_SOURCES = sorted((_ROOT / "backends").glob("*.py")) + [_ROOT / "accelbn" / "_formulas.py"]
+_DIGEST = hashlib.sha256(b"".join(p.read_bytes() for p in _KERNEL_SOURCES)).hexdigest()[:16]
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "accelbn-numba-cache", _DIGEST))
 
 import accelbn as abn
 

@@ -15,6 +15,7 @@ def _channels_last_as_nchw(shape):
 # name: (make x, axis). Sizes are chosen so that several statistics chunks and row blocks are used.
 LAYOUTS = {
     "NC": (lambda: random_array((37, 5)), 1),
+    "NC-fortran-order": (lambda: np.asfortranarray(random_array((37, 5))), 1),
     "NC-many-rows": (lambda: random_array((20000, 4), seed=1), 1),
     "NCL": (lambda: random_array((4, 3, 7)), 1),
     "NCHW": (lambda: random_array((3, 4, 5, 6)), 1),

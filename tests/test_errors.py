@@ -1,5 +1,7 @@
 """Bad input: the exact exception type, a message naming the argument, and no state changed."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,12 @@ def _args():
         "bias": np.zeros(C, np.float32),
         "training": True,
     }
+
+
+def _matrix(shape):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.asmatrix(np.ones(shape, np.float32))
 
 
 def _read_only(a):
@@ -47,6 +55,17 @@ FORWARD_CASES = {
     "int weight": ({"weight": np.ones(C, np.int64)}, TypeError, "weight must have dtype"),
     "list x": ({"x": [[1.0, 2.0, 3.0]] * 4}, TypeError, "x must be a numpy.ndarray or cupy.ndarray, got list"),
     "list weight": ({"weight": [1.0, 1.0, 1.0]}, TypeError, "weight must be a numpy.ndarray"),
+    "matrix x": ({"x": _matrix((4, C))}, TypeError, "x must be a numpy.ndarray"),
+    "running stats sharing memory": (
+        {"running_var": "running_mean"},
+        ValueError,
+        "running_mean and running_var share memory",
+    ),
+    "out with a zero stride": (
+        {"out": np.lib.stride_tricks.as_strided(np.empty(5, np.float32), (4, C, 5), (0, 0, 4))},
+        ValueError,
+        "out has elements that share memory",
+    ),
     "masked x": ({"x": np.ma.ones((4, C), np.float32)}, TypeError, "x must be a numpy.ndarray"),
     "rank 1": ({"x": np.ones(C, np.float32)}, ValueError, "x must have at least 2 dimensions"),
     "rank 0": ({"x": np.float32(1.0)}, TypeError, "x must be a numpy.ndarray"),
@@ -78,6 +97,8 @@ FORWARD_CASES = {
 def test_forward_rejects(case):
     changes, error, message = FORWARD_CASES[case]
     args = _args() | changes
+    if isinstance(args["running_var"], str):  # the "sharing memory" case
+        args["running_var"] = args["running_mean"]
     state = {k: v.copy() for k, v in args.items() if k.startswith("running") and v is not None}
     x = args.pop("x")
     with pytest.raises(error) as info:

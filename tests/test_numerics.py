@@ -54,6 +54,28 @@ def test_nan_poisons_only_its_channel(backend, shape, axis):
     assert np.isnan(dweight[2]) and np.isfinite(np.delete(dweight, 2)).all()
 
 
+def test_frozen_backward_ignores_non_finite_x(backend):
+    # dx = dy * weight * invstd does not depend on x; only dweight does.
+    x = random_array((4, 3, 5))
+    x[0, 0, 0], x[1, 1, 1] = np.nan, np.inf
+    dy = random_array(x.shape, seed=1)
+    stats = abn.BatchStats(np.zeros(3, np.float32), np.full(3, 2.0, np.float32))
+    weight = np.array([1.0, -0.5, 3.0], np.float32)
+    dx, dweight, dbias = abn.batch_norm_backward(dy, x, stats, weight, training=False, backend=backend)
+    np.testing.assert_allclose(dx, dy * (weight * 2.0)[None, :, None], rtol=1e-6)
+    assert np.isfinite(dbias).all() and np.isnan(dweight[0]) and np.isinf(dweight[1]) and np.isfinite(dweight[2])
+
+
+@pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
+def test_values_near_the_float32_limit_do_not_overflow(backend, shape, axis):
+    # Differences of such values overflow float32: they must be taken in float64.
+    x = np.where(random_array(shape) > 0, np.float32(3e38), np.float32(-3e38))
+    expected, _, _, _ = reference_forward(x, None, None, None, None, training=True, axis=axis)
+    y = abn.batch_norm(x, None, None, training=True, axis=axis, backend=backend)
+    assert np.isfinite(y).all()
+    assert rel_error(y, expected) < 2e-5
+
+
 def test_nan_in_dy_stays_in_its_element_with_frozen_statistics(backend):
     x = random_array((4, 3, 5))
     dy = random_array(x.shape, seed=1)

@@ -130,6 +130,7 @@ def test_tensors_load_directly_and_state_dict_round_trips_into_torch():
     module(torch.randn(8, 5))
     layer = abn.BatchNorm(5)
     layer.load_state_dict(module.state_dict())  # CPU tensors convert through __array__
+    layer.load_state_dict(module.state_dict(keep_vars=True))  # parameters that require grad
     other = torch.nn.BatchNorm1d(5)
     other.load_state_dict({k: torch.from_numpy(v) for k, v in layer.state_dict().items()})
     for name, value in module.state_dict().items():
