@@ -1,0 +1,45 @@
+"""The command line, ``python -m accelbn``: argument parsing only; the commands live in
+:mod:`accelbn._info` (``info``) and :mod:`accelbn._bench` (``bench``)."""
+
+import argparse
+import sys
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="python -m accelbn", description="accelbn command line")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    commands.add_parser("info", help="versions, backends, Numba threading and CPU, one 'key: value' per line")
+    bench = commands.add_parser("bench", help="time accelbn against a memory copy, NumPy and PyTorch CPU")
+    bench.add_argument("--quick", action="store_true", help="a small grid that runs in seconds")
+    bench.add_argument(
+        "--repeat", type=_positive_int, metavar="N", help="timed runs of each callable (default: 7, or 5 with --quick)"
+    )
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    # Imported per command: bench needs Numba, and info must still work without it.
+    if args.command == "info":
+        from accelbn import _info
+
+        _info.print_info()
+    else:
+        from accelbn import _bench
+
+        _bench.run(quick=args.quick, repeat=args.repeat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
