@@ -10,9 +10,20 @@ its state dict. Arrays are dispatched to a backend by their type: NumPy arrays r
 kernels by default.
 """
 
-from accelbn._backends import available_backends
-from accelbn._functional import BatchStats, batch_norm, batch_norm_backward
-from accelbn._layer import BatchNorm
+import os as _os
+
+# The kernels live beside this package in a source checkout (backends/, installed as
+# accelbn.backends). When Python imports the checkout itself, as it does from the checkout's root
+# even after a non-editable install, let accelbn.backends resolve to that folder.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "backends")) and _os.path.isfile(
+    _os.path.join(_checkout, "backends", "numba_cpu.py")
+):
+    __path__.append(_checkout)
+
+from accelbn._backends import available_backends  # noqa: E402
+from accelbn._functional import BatchStats, batch_norm, batch_norm_backward  # noqa: E402
+from accelbn._layer import BatchNorm  # noqa: E402
 
 __version__ = "0.1.0"
 
