@@ -2,6 +2,7 @@
 per-channel numbers (momentum blend, unbiased correction, gradient sums to weight and bias), and hand
 arrays to exactly one backend."""
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -43,7 +44,7 @@ def _blend(running, batch, momentum):
 
 
 def _count_per_channel(x, axis):
-    return x.size // x.shape[axis] if x.shape[axis] else int(np.prod(x.shape[:axis] + x.shape[axis + 1 :]))
+    return math.prod(n for a, n in enumerate(x.shape) if a != axis)
 
 
 def batch_norm(

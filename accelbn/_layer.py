@@ -81,12 +81,9 @@ class BatchNorm:
         if channels != self.num_features:
             raise ValueError(f"x has {channels} channels on axis {self.axis}, but this layer has {self.num_features}")
         updates_running = self.training and self.track_running_stats
-        momentum = 0.0
-        if updates_running:
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked + 1)
-            else:
-                momentum = self.momentum
+        momentum = self.momentum
+        if momentum is None:  # a cumulative average over the batches seen, this one included
+            momentum = 1.0 / float(self.num_batches_tracked + 1) if updates_running else 0.0
         use_batch_stats = self.training or not self.track_running_stats
         y, stats = batch_norm(
             x,

@@ -265,8 +265,8 @@ def backward(dy, x, mean, invstd, weight, training, dx):
     block_dy = np.empty((blocks, channels))
     block_dy_xmu = np.empty((blocks, channels))
     _block_gradient_sums_channels_last(dy2, x2, mean, block_rows, block_dy, block_dy_xmu)
-    sum_dy = _sum_blocks(block_dy)
-    sum_dy_xmu = _sum_blocks(block_dy_xmu)
+    sum_dy = block_dy.sum(axis=0)  # row by row, in block order
+    sum_dy_xmu = block_dy_xmu.sum(axis=0)
     if training:
         mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, x2.shape[0])
         _backward_apply_channels_last(dy2, x2, block_rows, mean, mean_dy, k, scale, dx2)
@@ -275,11 +275,3 @@ def backward(dy, x, mean, invstd, weight, training, dx):
         _normalize_channels_last(dy2, block_rows, zeros, weight * invstd, zeros, dx2)
     return sum_dy, sum_dy_xmu
 
-
-@njit(**_OPTIONS)
-def _sum_blocks(blocks):
-    total = np.zeros(blocks.shape[1])
-    for b in range(blocks.shape[0]):
-        for c in range(blocks.shape[1]):
-            total[c] += blocks[b, c]
-    return total
