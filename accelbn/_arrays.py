@@ -21,7 +21,3 @@ def library_of(a):
         return CUPY
     return None
 
-
-def namespace(library):
-    """The module of an array library named by :func:`library_of`."""
-    return np if library == NUMPY else sys.modules[library]
