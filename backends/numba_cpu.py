@@ -5,25 +5,35 @@ vectors; they never validate and never touch running statistics.
 
 Two loop families, picked by ``inner``:
 
-* channels-first (``inner > 1``: NCHW, NCL, NCDHW): one task per channel. A task computes its channel's
-  statistics and then normalizes the same slice while it is still in cache, so a train forward reads
-  x from DRAM once for statistics and the normalize pass mostly hits L2.
-* channels-last (``inner == 1``: NHWC and (N, C)): fixed blocks of rows, each producing per-channel
-  partials that are merged in block order.
+* channels-first (``inner > 1``: NCHW, NCL, NCDHW). Each channel's data is cut into fixed chunks
+  (a few whole rows, or one segment of a long row). When there are enough channels to share among
+  the threads and a channel's slice fits in L2, one task does one channel: statistics, then the
+  normalize pass over the same slice while it is still in cache, so a train forward reads x from
+  memory once. Otherwise (few channels, e.g. C=3 images, or slices too large to keep) chunk
+  statistics, the normalize pass and the gradient pass each run in parallel over all chunks.
+* channels-last (``inner == 1``: NHWC and (N, C)): the flat array in fixed blocks of rows, each
+  producing per-channel partials that are merged in block order.
 
 Statistics are computed per chunk with a shifted two-pass (sum of x - x0, then sum of squared
-deviations, both while the chunk is in cache) and chunks are merged with Chan's formula in a fixed
-order. The chunking depends only on the shape, never on the thread count, so results are bitwise
-identical run to run and for any number of threads.
+deviations, both while the chunk is in cache) and merged with Chan's formula in chunk order. Chunks
+and blocks depend only on the shape, never on the thread count or the path taken, so results are
+bitwise identical run to run and for any number of threads.
 
 Only the reduction helpers are compiled with ``reassoc``: it lets LLVM vectorize a sum (about 4x on
 this machine) in an order fixed at compile time. Everything else is strict IEEE arithmetic.
+
+Outputs larger than the caches are written with streaming stores (:mod:`._streaming`): each row is
+computed a tile at a time into a small scratch array and the tile's whole cache lines are streamed
+out, so writing y costs one pass over memory instead of two.
 """
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from accelbn._formulas import backward_coefficients, inverse_std
+from accelbn.backends._lines import LINE_BYTES, line_kernel, store_fence
 
 # On-disk cache: compiling the kernels costs seconds per dtype, loading them tens of milliseconds.
 _OPTIONS = dict(error_model="numpy", cache=True, nogil=True)
@@ -33,6 +43,12 @@ _REDUCTION = dict(_OPTIONS, fastmath={"reassoc"})
 STATS_CHUNK = 4096
 # Elements in a channels-last row block: the unit of parallel work and of partial sums.
 ROW_BLOCK = 65536
+# Elements of a row segment, the unit of the parallel channels-first element passes.
+ROW_SEGMENT = 65536
+# A channel slice this small stays in L2 between the statistics and the normalize pass.
+CACHED_SLICE_BYTES = 1 << 20
+# Outputs at least this large are streamed: they would not stay in cache for a next reader anyway.
+STREAM_MIN_BYTES = 8 << 20
 
 _inverse_std = njit(inline="always", error_model="numpy")(inverse_std)
 _backward_coefficients = njit(inline="always", error_model="numpy")(backward_coefficients)
@@ -74,87 +90,275 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
 
 
-@njit(**_OPTIONS)
-def _affine_row(x, mean, scale, shift, y):
-    for i in range(x.shape[0]):
-        y[i] = (np.float64(x[i]) - mean) * scale + shift
+# --- element-wise passes -------------------------------------------------------------------------
+# Elements are computed in x's dtype, as PyTorch does. The mean is split into a high part (the mean
+# rounded to that dtype) and the low remainder, so x - mean keeps its accuracy however large the mean
+# is next to the spread: x - mean_hi is exact when x is near the mean (Sterbenz).
+
+
+def _affine(x, mean_hi, mean_lo, scale, shift):
+    return ((x - mean_hi) - mean_lo) * scale + shift
+
+
+def _gradient(dy, x, mean_hi, mean_lo, mean_dy, k, scale):
+    return ((dy - mean_dy) - ((x - mean_hi) - mean_lo) * k) * scale
+
+
+_affine_element = njit(inline="always", error_model="numpy")(_affine)
+_gradient_element = njit(inline="always", error_model="numpy")(_gradient)
+_affine_line = line_kernel(_affine, nontemporal=False)
+_affine_line_streamed = line_kernel(_affine, nontemporal=True)
+_gradient_line = line_kernel(_gradient, nontemporal=False)
+_gradient_line_streamed = line_kernel(_gradient, nontemporal=True)
+
+
+def _at(p, c):
+    """A parameter of channel c: a scalar as it is, a table's entry c."""
+
+
+@overload(_at, inline="always")
+def _at_overload(p, c):
+    if isinstance(p, types.Array):
+        return lambda p, c: p[c]
+    return lambda p, c: p
+
+
+def _as_element(a, v):
+    """v converted to the dtype of array a."""
+
+
+@overload(_as_element, inline="always")
+def _as_element_overload(a, v):
+    element = a.dtype
+    return lambda a, v: element(v)
 
 
 @njit(**_OPTIONS)
-def _backward_row(dy, x, mean, mean_dy, k, scale, dx):
-    for i in range(dy.shape[0]):
-        dx[i] = (np.float64(dy[i]) - mean_dy - (np.float64(x[i]) - mean) * k) * scale
+def _split(a, v):
+    """v as a high part in a's dtype and the low remainder, for x - v to keep its accuracy."""
+    hi = _as_element(a, v)
+    return hi, _as_element(a, v - np.float64(hi))
 
 
-# --- channels-first: (outer, C, inner), one task per channel -------------------------------------
+@njit(**_OPTIONS)
+def _line_span(y, f0, f1, stream):
+    """The part [a, e) of y[f0:f1] done by whole lines; streamed lines must start line-aligned."""
+    line = LINE_BYTES // y.itemsize
+    a = f0
+    if stream:
+        address = y.ctypes.data + f0 * y.itemsize
+        a = f1 if address % y.itemsize else min(f1, f0 + (-address % LINE_BYTES) // y.itemsize)
+    return a, a + (f1 - a) // line * line
+
+
+# Each writer sets out[f0:f1] of unit-stride arrays: a line at a time where it can, element by element
+# at the ends. ``params`` are per-channel scalars (channels == 1) or tables of ``channels + W``
+# entries, where element f belongs to channel f % channels.
+
+
+@njit(**_OPTIONS)
+def _affine_elements(x, f0, f1, params, channels, y):
+    for f in range(f0, f1):
+        c = f % channels
+        y[f] = _affine_element(x[f], _at(params[0], c), _at(params[1], c), _at(params[2], c), _at(params[3], c))
+
+
+@njit(**_OPTIONS)
+def _gradient_elements(dy, x, f0, f1, params, channels, dx):
+    for f in range(f0, f1):
+        c = f % channels
+        dx[f] = _gradient_element(
+            dy[f], x[f], _at(params[0], c), _at(params[1], c), _at(params[2], c), _at(params[3], c), _at(params[4], c)
+        )
+
+
+@njit(**_OPTIONS)
+def _write_affine(x, f0, f1, params, channels, y, stream):
+    a, e = _line_span(y, f0, f1, stream)
+    _affine_elements(x, f0, a, params, channels, y)
+    for f in range(a, e, LINE_BYTES // y.itemsize):
+        if stream:
+            _affine_line_streamed(y, f, (x,), params, f % channels)
+        else:
+            _affine_line(y, f, (x,), params, f % channels)
+    _affine_elements(x, e, f1, params, channels, y)
+
+
+@njit(**_OPTIONS)
+def _write_gradient(dy, x, f0, f1, params, channels, dx, stream):
+    a, e = _line_span(dx, f0, f1, stream)
+    _gradient_elements(dy, x, f0, a, params, channels, dx)
+    for f in range(a, e, LINE_BYTES // dx.itemsize):
+        if stream:
+            _gradient_line_streamed(dx, f, (dy, x), params, f % channels)
+        else:
+            _gradient_line(dx, f, (dy, x), params, f % channels)
+    _gradient_elements(dy, x, e, f1, params, channels, dx)
+
+
+# --- channels-first: (outer, C, inner) ------------------------------------------------------------
+
+
+@njit(**_OPTIONS)
+def _chunking(outer, inner):
+    """(rows per chunk, segments per row, chunks per channel) of the statistics chunks."""
+    if inner >= STATS_CHUNK:
+        segments = (inner + STATS_CHUNK - 1) // STATS_CHUNK
+        return 1, segments, outer * segments
+    rows = STATS_CHUNK // inner
+    return rows, 1, (outer + rows - 1) // rows
+
+
+@njit(**_OPTIONS)
+def _chunk_bounds(x, k, rows, segments):
+    g = k // segments
+    s = k - g * segments
+    i0 = s * STATS_CHUNK
+    return g * rows, min(g * rows + rows, x.shape[0]), i0, min(i0 + STATS_CHUNK, x.shape[2])
+
+
+@njit(**_OPTIONS)
+def _chunk_moments(x, c, k, rows, segments):
+    """(count, mean, sum of squared deviations) of chunk k of channel c, by a shifted two-pass."""
+    r0, r1, i0, i1 = _chunk_bounds(x, k, rows, segments)
+    shift = np.float64(x[r0, c, i0])
+    s = 0.0
+    for r in range(r0, r1):
+        s += _sum_shifted(x[r, c, i0:i1], shift)
+    n = np.float64((r1 - r0) * (i1 - i0))
+    mean = shift + s / n
+    q = 0.0
+    for r in range(r0, r1):
+        q += _sum_squared_deviations(x[r, c, i0:i1], mean)
+    return n, mean, q
+
+
+@njit(**_OPTIONS)
+def _chunk_gradient_sums(dy, x, c, mean, k, rows, segments):
+    r0, r1, i0, i1 = _chunk_bounds(x, k, rows, segments)
+    a, b = 0.0, 0.0
+    for r in range(r0, r1):
+        ra, rb = _gradient_sums(dy[r, c, i0:i1], x[r, c, i0:i1], mean)
+        a += ra
+        b += rb
+    return a, b
 
 
 @njit(parallel=True, **_OPTIONS)
-def _forward_train_channels_first(x, weight, bias, eps, y, mean, var):
+def _forward_train_by_channel(x, weight, bias, eps, y, mean, var, stream):
     outer, channels, inner = x.shape
-    rows_per_chunk = max(1, STATS_CHUNK // inner)
+    rows, segments, chunks = _chunking(outer, inner)
     for c in prange(channels):
         n, m, m2 = 0.0, 0.0, 0.0
-        for r0 in range(0, outer, rows_per_chunk):
-            r1 = min(r0 + rows_per_chunk, outer)
-            shift = np.float64(x[r0, c, 0])
-            s = 0.0
-            for r in range(r0, r1):
-                s += _sum_shifted(x[r, c], shift)
-            n_chunk = np.float64((r1 - r0) * inner)
-            m_chunk = shift + s / n_chunk
-            q = 0.0
-            for r in range(r0, r1):
-                q += _sum_squared_deviations(x[r, c], m_chunk)
-            n, m, m2 = _chan_merge(n, m, m2, n_chunk, m_chunk, q)
+        for k in range(chunks):
+            n_k, m_k, q_k = _chunk_moments(x, c, k, rows, segments)
+            n, m, m2 = _chan_merge(n, m, m2, n_k, m_k, q_k)
         mean[c] = m
         var[c] = m2 / n
-        scale = weight[c] * _inverse_std(var[c], eps)
+        hi, lo = _split(y, m)
+        params = (hi, lo, _as_element(y, weight[c] * _inverse_std(var[c], eps)), _as_element(y, bias[c]))
         for r in range(outer):
-            _affine_row(x[r, c], m, scale, bias[c], y[r, c])
+            _write_affine(x[r, c], 0, inner, params, 1, y[r, c], stream)
+        if stream:
+            store_fence()
 
 
 @njit(parallel=True, **_OPTIONS)
-def _normalize_channels_first(x, mean, scale, shift, y):
+def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream):
     outer, channels, inner = x.shape
-    for j in prange(outer * channels):
-        r = j // channels
-        c = j - r * channels
-        _affine_row(x[r, c], mean[c], scale[c], shift[c], y[r, c])
-
-
-@njit(parallel=True, **_OPTIONS)
-def _backward_channels_first(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu):
-    outer, channels, inner = x.shape
-    count = np.float64(outer * inner)
+    rows, segments, chunks = _chunking(outer, inner)
     for c in prange(channels):
         a, b = 0.0, 0.0
-        for r in range(outer):
-            ra, rb = _gradient_sums(dy[r, c], x[r, c], mean[c])
-            a += ra
-            b += rb
+        for k in range(chunks):
+            a_k, b_k = _chunk_gradient_sums(dy, x, c, mean[c], k, rows, segments)
+            a += a_k
+            b += b_k
         sum_dy[c] = a
         sum_dy_xmu[c] = b
+        hi, lo = _split(dx, mean[c])
         if training:
-            mean_dy, k, scale = _backward_coefficients(a, b, invstd[c], weight[c], count)
+            mean_dy, k_c, scale = _backward_coefficients(a, b, invstd[c], weight[c], np.float64(outer * inner))
+            params = (hi, lo, _as_element(dx, mean_dy), _as_element(dx, k_c), _as_element(dx, scale))
             for r in range(outer):
-                _backward_row(dy[r, c], x[r, c], mean[c], mean_dy, k, scale, dx[r, c])
+                _write_gradient(dy[r, c], x[r, c], 0, inner, params, 1, dx[r, c], stream)
         else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+            zero = _as_element(dx, 0.0)
+            frozen = (zero, zero, _as_element(dx, weight[c] * invstd[c]), zero)
             for r in range(outer):
-                _affine_row(dy[r, c], 0.0, weight[c] * invstd[c], 0.0, dx[r, c])
-
-
-# --- channels-last: (rows, C), fixed row blocks ---------------------------------------------------
+                _write_affine(dy[r, c], 0, inner, frozen, 1, dx[r, c], stream)
+        if stream:
+            store_fence()
 
 
 @njit(parallel=True, **_OPTIONS)
-def _block_moments_channels_last(x, block_rows, block_mean, block_m2):
+def _chunk_moments_all(x, count, part_mean, part_m2):
+    """Moments of every chunk of every channel, into (chunks, C) arrays."""
+    outer, channels, inner = x.shape
+    rows, segments, chunks = _chunking(outer, inner)
+    for j in prange(chunks * channels):
+        k = j // channels
+        c = j - k * channels
+        count[k], part_mean[k, c], part_m2[k, c] = _chunk_moments(x, c, k, rows, segments)
+
+
+@njit(parallel=True, **_OPTIONS)
+def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu):
+    outer, channels, inner = x.shape
+    rows, segments, chunks = _chunking(outer, inner)
+    for j in prange(chunks * channels):
+        k = j // channels
+        c = j - k * channels
+        part_dy[k, c], part_dy_xmu[k, c] = _chunk_gradient_sums(dy, x, c, mean[c], k, rows, segments)
+
+
+@njit(**_OPTIONS)
+def _segment(x, u, segments):
+    """Row r, channel c and first element f0 of the u-th row segment."""
+    rc = u // segments
+    r = rc // x.shape[1]
+    return r, rc - r * x.shape[1], (u - rc * segments) * ROW_SEGMENT
+
+
+@njit(parallel=True, **_OPTIONS)
+def _normalize_channels_first(x, params, y, tasks, stream):
+    """y = affine(x) over row segments, ``tasks`` contiguous runs of them; ``params`` per-channel arrays."""
+    outer, channels, inner = x.shape
+    segments = (inner + ROW_SEGMENT - 1) // ROW_SEGMENT
+    units = outer * channels * segments
+    for t in prange(tasks):
+        for u in range(t * units // tasks, (t + 1) * units // tasks):
+            r, c, f0 = _segment(x, u, segments)
+            p = (params[0][c], params[1][c], params[2][c], params[3][c])
+            _write_affine(x[r, c], f0, min(f0 + ROW_SEGMENT, inner), p, 1, y[r, c], stream)
+        if stream:
+            store_fence()
+
+
+@njit(parallel=True, **_OPTIONS)
+def _gradient_channels_first(dy, x, params, dx, tasks, stream):
+    outer, channels, inner = x.shape
+    segments = (inner + ROW_SEGMENT - 1) // ROW_SEGMENT
+    units = outer * channels * segments
+    for t in prange(tasks):
+        for u in range(t * units // tasks, (t + 1) * units // tasks):
+            r, c, f0 = _segment(x, u, segments)
+            p = (params[0][c], params[1][c], params[2][c], params[3][c], params[4][c])
+            _write_gradient(dy[r, c], x[r, c], f0, min(f0 + ROW_SEGMENT, inner), p, 1, dx[r, c], stream)
+        if stream:
+            store_fence()
+
+
+# --- channels-last: the C-contiguous (rows, C) array in fixed row blocks ---------------------------
+
+
+@njit(parallel=True, **_OPTIONS)
+def _block_moments_channels_last(x, block_rows, part_mean, part_m2):
     rows, channels = x.shape
-    for b in prange(block_mean.shape[0]):
+    for b in prange(part_mean.shape[0]):
         r0 = b * block_rows
         r1 = min(r0 + block_rows, rows)
-        bm = block_mean[b]
-        bq = block_m2[b]
+        bm = part_mean[b]
+        bq = part_m2[b]
         bm[:] = 0.0
         bq[:] = 0.0
         for r in range(r0, r1):
@@ -168,32 +372,12 @@ def _block_moments_channels_last(x, block_rows, block_mean, block_m2):
                 bq[c] += d * d
 
 
-@njit(**_OPTIONS)
-def _merge_block_moments(rows, block_rows, block_mean, block_m2, mean, var):
-    for c in range(block_mean.shape[1]):
-        n, m, m2 = 0.0, 0.0, 0.0
-        for b in range(block_mean.shape[0]):
-            n_block = np.float64(min(block_rows, rows - b * block_rows))
-            n, m, m2 = _chan_merge(n, m, m2, n_block, block_mean[b, c], block_m2[b, c])
-        mean[c] = m
-        var[c] = m2 / n
-
-
 @njit(parallel=True, **_OPTIONS)
-def _normalize_channels_last(x, block_rows, mean, scale, shift, y):
+def _block_gradient_sums_channels_last(dy, x, mean, block_rows, part_dy, part_dy_xmu):
     rows, channels = x.shape
-    for b in prange((rows + block_rows - 1) // block_rows):
-        for r in range(b * block_rows, min((b + 1) * block_rows, rows)):
-            for c in range(channels):
-                y[r, c] = (np.float64(x[r, c]) - mean[c]) * scale[c] + shift[c]
-
-
-@njit(parallel=True, **_OPTIONS)
-def _block_gradient_sums_channels_last(dy, x, mean, block_rows, block_dy, block_dy_xmu):
-    rows, channels = x.shape
-    for b in prange(block_dy.shape[0]):
-        sa = block_dy[b]
-        sb = block_dy_xmu[b]
+    for b in prange(part_dy.shape[0]):
+        sa = part_dy[b]
+        sb = part_dy_xmu[b]
         sa[:] = 0.0
         sb[:] = 0.0
         for r in range(b * block_rows, min((b + 1) * block_rows, rows)):
@@ -204,12 +388,55 @@ def _block_gradient_sums_channels_last(dy, x, mean, block_rows, block_dy, block_
 
 
 @njit(parallel=True, **_OPTIONS)
-def _backward_apply_channels_last(dy, x, block_rows, mean, mean_dy, k, scale, dx):
-    rows, channels = x.shape
-    for b in prange((rows + block_rows - 1) // block_rows):
-        for r in range(b * block_rows, min((b + 1) * block_rows, rows)):
-            for c in range(channels):
-                dx[r, c] = (np.float64(dy[r, c]) - mean_dy[c] - (np.float64(x[r, c]) - mean[c]) * k[c]) * scale[c]
+def _normalize_channels_last(x, tables, channels, y, block, stream):
+    """Flat x and y of (rows, C); ``block`` elements (whole rows) per task; ``tables`` per channel."""
+    for b in prange((x.shape[0] + block - 1) // block):
+        _write_affine(x, b * block, min(b * block + block, x.shape[0]), tables, channels, y, stream)
+        if stream:
+            store_fence()
+
+
+@njit(parallel=True, **_OPTIONS)
+def _gradient_channels_last(dy, x, tables, channels, dx, block, stream):
+    for b in prange((x.shape[0] + block - 1) // block):
+        _write_gradient(dy, x, b * block, min(b * block + block, x.shape[0]), tables, channels, dx, stream)
+        if stream:
+            store_fence()
+
+
+# --- merges of partials, in part order ------------------------------------------------------------
+
+
+@njit(**_OPTIONS)
+def _merge_moments(count, part_mean, part_m2, mean, var):
+    for c in range(part_mean.shape[1]):
+        n, m, m2 = 0.0, 0.0, 0.0
+        for p in range(part_mean.shape[0]):
+            n, m, m2 = _chan_merge(n, m, m2, count[p], part_mean[p, c], part_m2[p, c])
+        mean[c] = m
+        var[c] = m2 / n
+
+
+@njit(**_OPTIONS)
+def _sum_parts(parts, total):
+    for c in range(parts.shape[1]):
+        s = 0.0
+        for p in range(parts.shape[0]):
+            s += parts[p, c]
+        total[c] = s
+
+
+# --- entry points: the backend interface the front calls -----------------------------------------
+
+
+def _streams(y):
+    return y.nbytes >= STREAM_MIN_BYTES
+
+
+def _by_channel(x):
+    """Whether channels-first work goes one task per channel, statistics and normalize fused."""
+    outer, channels, inner = x.shape
+    return channels >= 4 * numba.get_num_threads() and outer * inner * x.itemsize <= CACHED_SLICE_BYTES
 
 
 def _block_rows(channels):
@@ -217,61 +444,132 @@ def _block_rows(channels):
     return max(64, ROW_BLOCK // max(channels, 1))
 
 
-def _block_count(rows, block_rows):
-    return (rows + block_rows - 1) // block_rows
+def _element_params(dtype, mean, *vectors):
+    """Per-channel float64 vectors as the kernels' element parameters: mean split, all in ``dtype``."""
+    hi = mean.astype(dtype)
+    return (hi, (mean - hi).astype(dtype), *(v.astype(dtype) for v in vectors))
 
 
-# --- entry points: the backend interface the front calls -----------------------------------------
+def _dense(a):
+    """``a`` (outer, C, inner) with unit-stride rows, copied only when they are not."""
+    return a if a.shape[2] == 1 or a.strides[2] == a.itemsize else np.ascontiguousarray(a)
+
+
+def _rows(a):
+    """Channels-last ``a`` as a C-contiguous (rows, C) array."""
+    return np.ascontiguousarray(a[:, :, 0])
+
+
+class _Target:
+    """Where a pass writes: ``y`` itself when its layout suits the kernels, else a dense scratch array
+    copied into ``y`` by ``finish()``."""
+
+    def __init__(self, y):
+        self.y = y
+        suits = y.strides[2] == y.itemsize if y.shape[2] > 1 else y[:, :, 0].flags.c_contiguous
+        self.array = y if suits else np.empty(y.shape, y.dtype)
+
+    def flat(self):
+        return self.array.reshape(-1)
+
+    def finish(self):
+        if self.array is not self.y:
+            np.copyto(self.y, self.array)
+
+
+def _threads_tasks(units):
+    return max(1, min(units, 8 * numba.get_num_threads()))
 
 
 def forward_train(x, weight, bias, eps, y):
     """Normalize ``x`` with its own statistics into ``y``; return the per-channel mean and biased var."""
-    channels = x.shape[1]
+    outer, channels, inner = x.shape
     mean = np.empty(channels)
     var = np.empty(channels)
-    if x.shape[2] > 1:
-        _forward_train_channels_first(x, weight, bias, float(eps), y, mean, var)
+    if inner > 1 and _by_channel(x):
+        target = _Target(y)
+        _forward_train_by_channel(_dense(x), weight, bias, float(eps), target.array, mean, var, _streams(y))
+        target.finish()
         return mean, var
-    x2, y2 = x[:, :, 0], y[:, :, 0]
-    block_rows = _block_rows(channels)
-    blocks = _block_count(x2.shape[0], block_rows)
-    block_mean = np.empty((blocks, channels))
-    block_m2 = np.empty((blocks, channels))
-    _block_moments_channels_last(x2, block_rows, block_mean, block_m2)
-    _merge_block_moments(x2.shape[0], block_rows, block_mean, block_m2, mean, var)
-    _normalize_channels_last(x2, block_rows, mean, weight * inverse_std(var, eps), bias, y2)
+    if inner > 1:
+        x = _dense(x)
+        chunks = _chunking(outer, inner)[2]
+        count = np.empty(chunks)
+        part_mean = np.empty((chunks, channels))
+        part_m2 = np.empty((chunks, channels))
+        _chunk_moments_all(x, count, part_mean, part_m2)
+    else:
+        block_rows = _block_rows(channels)
+        x2 = _rows(x)
+        x = x2.reshape(x.shape)
+        blocks = (outer + block_rows - 1) // block_rows
+        count = np.minimum(block_rows, outer - block_rows * np.arange(blocks)).astype(np.float64)
+        part_mean = np.empty((blocks, channels))
+        part_m2 = np.empty((blocks, channels))
+        _block_moments_channels_last(x2, block_rows, part_mean, part_m2)
+    _merge_moments(count, part_mean, part_m2, mean, var)
+    normalize(x, mean, weight * inverse_std(var, eps), bias, y)
     return mean, var
 
 
 def normalize(x, mean, scale, shift, y):
     """y = (x - mean) * scale + shift per channel: the eval forward."""
-    if x.shape[2] > 1:
-        _normalize_channels_first(x, mean, scale, shift, y)
+    outer, channels, inner = x.shape
+    params = _element_params(y.dtype, mean, scale, shift)
+    target = _Target(y)
+    if inner > 1:
+        segments = (inner + ROW_SEGMENT - 1) // ROW_SEGMENT
+        tasks = _threads_tasks(outer * channels * segments)
+        _normalize_channels_first(_dense(x), params, target.array, tasks, _streams(y))
     else:
-        _normalize_channels_last(x[:, :, 0], _block_rows(x.shape[1]), mean, scale, shift, y[:, :, 0])
+        tables = tuple(np.resize(p, channels + LINE_BYTES // p.itemsize) for p in params)
+        block = _block_rows(channels) * channels
+        _normalize_channels_last(_rows(x).reshape(-1), tables, channels, target.flat(), block, _streams(y))
+    target.finish()
 
 
 def backward(dy, x, mean, invstd, weight, training, dx):
     """Write dx; return the per-channel sums of dy and of dy * (x - mean)."""
-    channels = x.shape[1]
-    if x.shape[2] > 1:
-        sum_dy = np.empty(channels)
-        sum_dy_xmu = np.empty(channels)
-        _backward_channels_first(dy, x, mean, invstd, weight, bool(training), dx, sum_dy, sum_dy_xmu)
+    outer, channels, inner = x.shape
+    sum_dy = np.empty(channels)
+    sum_dy_xmu = np.empty(channels)
+    if inner > 1 and _by_channel(x):
+        target = _Target(dx)
+        _backward_by_channel(
+            _dense(dy), _dense(x), mean, invstd, weight, bool(training), target.array, sum_dy, sum_dy_xmu, _streams(dx)
+        )
+        target.finish()
         return sum_dy, sum_dy_xmu
-    dy2, x2, dx2 = dy[:, :, 0], x[:, :, 0], dx[:, :, 0]
-    block_rows = _block_rows(channels)
-    blocks = _block_count(x2.shape[0], block_rows)
-    block_dy = np.empty((blocks, channels))
-    block_dy_xmu = np.empty((blocks, channels))
-    _block_gradient_sums_channels_last(dy2, x2, mean, block_rows, block_dy, block_dy_xmu)
-    sum_dy = block_dy.sum(axis=0)  # row by row, in block order
-    sum_dy_xmu = block_dy_xmu.sum(axis=0)
-    if training:
-        mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, x2.shape[0])
-        _backward_apply_channels_last(dy2, x2, block_rows, mean, mean_dy, k, scale, dx2)
-    else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+    if inner > 1:
+        dy, x = _dense(dy), _dense(x)
+        chunks = _chunking(outer, inner)[2]
+        part_dy = np.empty((chunks, channels))
+        part_dy_xmu = np.empty((chunks, channels))
+        _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu)
+    else:
+        block_rows = _block_rows(channels)
+        dy2, x2 = _rows(dy), _rows(x)
+        dy, x = dy2.reshape(dy.shape), x2.reshape(x.shape)
+        blocks = (outer + block_rows - 1) // block_rows
+        part_dy = np.empty((blocks, channels))
+        part_dy_xmu = np.empty((blocks, channels))
+        _block_gradient_sums_channels_last(dy2, x2, mean, block_rows, part_dy, part_dy_xmu)
+    _sum_parts(part_dy, sum_dy)
+    _sum_parts(part_dy_xmu, sum_dy_xmu)
+    if not training:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
         zeros = np.zeros(channels)
-        _normalize_channels_last(dy2, block_rows, zeros, weight * invstd, zeros, dx2)
+        normalize(dy, zeros, weight * invstd, zeros, dx)
+        return sum_dy, sum_dy_xmu
+    mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, outer * inner)
+    params = _element_params(dx.dtype, mean, mean_dy, k, scale)
+    target = _Target(dx)
+    if inner > 1:
+        segments = (inner + ROW_SEGMENT - 1) // ROW_SEGMENT
+        tasks = _threads_tasks(outer * channels * segments)
+        _gradient_channels_first(dy, x, params, target.array, tasks, _streams(dx))
+    else:
+        tables = tuple(np.resize(p, channels + LINE_BYTES // p.itemsize) for p in params)
+        block = _block_rows(channels) * channels
+        _gradient_channels_last(dy.reshape(-1), x.reshape(-1), tables, channels, target.flat(), block, _streams(dx))
+    target.finish()
     return sum_dy, sum_dy_xmu
-
