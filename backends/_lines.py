@@ -44,13 +44,14 @@ class _Vector:
         return self._apply(self.builder.fmul, other)
 
 
-def line_kernel(formula, nontemporal):
+def line_kernel(formula, nontemporal, wide=False):
     """An intrinsic ``line(out, j, arrays, params, channel)``: one line ``out[j:j + W]``, where W
     elements fill a cache line, set to ``formula(*(a[j:j + W] for a in arrays), *params)``.
 
     ``arrays`` is a tuple of unit-stride arrays of ``out``'s dtype. ``params`` is a tuple of scalars
     (broadcast to every element) or of per-channel tables, read at ``table[channel:channel + W]``.
-    With ``nontemporal`` the store streams and ``out[j]`` must be line-aligned.
+    The formula runs in ``out``'s dtype, or in float64 with ``wide`` (inputs widened, the result
+    rounded once). With ``nontemporal`` the store streams and ``out[j]`` must be line-aligned.
     """
 
     @intrinsic
@@ -63,28 +64,34 @@ def line_kernel(formula, nontemporal):
             element = context.get_data_type(out_type.dtype)
             itemsize = context.get_abi_sizeof(element)
             vector = ir.VectorType(element, LINE_BYTES // itemsize)
+            compute_type = types.float64 if wide else out_type.dtype
+            compute = ir.VectorType(context.get_data_type(compute_type), vector.count)
 
             def pointer(array_type, array_value, index):
                 array = context.make_array(array_type)(context, builder, array_value)
                 item = cgutils.get_item_pointer(context, builder, array_type, array, [index], wraparound=False)
-                return builder.bitcast(item, vector.as_pointer())
+                lanes = ir.VectorType(context.get_data_type(array_type.dtype), vector.count)
+                return builder.bitcast(item, lanes.as_pointer())
 
             def load(array_type, array_value, index):
-                return _Vector(builder, builder.load(pointer(array_type, array_value, index), align=itemsize))
+                loaded = builder.load(pointer(array_type, array_value, index), align=array_type.dtype.bitwidth // 8)
+                return _Vector(builder, loaded if array_type.dtype == compute_type else builder.fpext(loaded, compute))
 
             def param(k):
                 value = builder.extract_value(args[3], k)
                 kind = params_type[k]
                 if isinstance(kind, types.Array):
                     return load(kind, value, args[4])
-                scalar = context.cast(builder, value, kind, out_type.dtype)
+                scalar = context.cast(builder, value, kind, compute_type)
                 lanes = ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count)
-                first = builder.insert_element(ir.Constant(vector, ir.Undefined), scalar, ir.IntType(32)(0))
-                return _Vector(builder, builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined), lanes))
+                first = builder.insert_element(ir.Constant(compute, ir.Undefined), scalar, ir.IntType(32)(0))
+                return _Vector(builder, builder.shuffle_vector(first, ir.Constant(compute, ir.Undefined), lanes))
 
             inputs = [load(arrays_type[k], builder.extract_value(args[2], k), args[1]) for k in range(len(arrays_type))]
-            result = formula(*inputs, *(param(k) for k in range(len(params_type))))
-            store = builder.store(result.value, pointer(out_type, args[0], args[1]), align=LINE_BYTES if nontemporal else itemsize)
+            result = formula(*inputs, *(param(k) for k in range(len(params_type)))).value
+            if compute != vector:
+                result = builder.fptrunc(result, vector)
+            store = builder.store(result, pointer(out_type, args[0], args[1]), align=LINE_BYTES if nontemporal else itemsize)
             if nontemporal:
                 store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
             return context.get_dummy_value()

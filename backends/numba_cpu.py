@@ -27,6 +27,11 @@ computed a tile at a time into a small scratch array and the tile's whole cache 
 out, so writing y costs one pass over memory instead of two.
 """
 
+import contextlib
+import functools
+import os
+import threading
+
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -50,8 +55,101 @@ CACHED_SLICE_BYTES = 1 << 20
 # Outputs at least this large are streamed: they would not stay in cache for a next reader anyway.
 STREAM_MIN_BYTES = 8 << 20
 
+# --- threads --------------------------------------------------------------------------------------
+# The kernels are nogil, so Python threads can call them at once, and users fork worker processes
+# after using them. Of Numba's threading layers only TBB is safe for both; GNU OpenMP breaks in a
+# forked child and the workqueue layer aborts on concurrent use. So TBB is pinned whenever it is
+# installed (a dependency where wheels exist) and the user has not chosen a layer; under the
+# workqueue layer, calls are serialized instead.
+
+
+def _pin_threading_layer():
+    if numba.config.THREADING_LAYER != "default":
+        return  # the user's choice
+    try:
+        from numba.np.ufunc import tbbpool  # noqa: F401  (loads libtbb or fails)
+    except ImportError:
+        return
+    numba.config.THREADING_LAYER = "tbb"
+
+
+def _threads_from_environment():
+    value = os.environ.get("ACCELBN_NUM_THREADS", "").strip()
+    if not value:
+        return None
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not value.isdigit() or not 1 <= int(value) <= limit:
+        raise ValueError(f"ACCELBN_NUM_THREADS must be an integer from 1 to {limit} (NUMBA_NUM_THREADS), got {value!r}")
+    return int(value)
+
+
+_pin_threading_layer()
+_NUM_THREADS = _threads_from_environment()
+_SERIAL = threading.RLock()
+
+
+def _thread_safe_layer():
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: what Numba will pick
+        layer = numba.config.THREADING_LAYER
+    return layer in ("tbb", "omp", "safe", "threadsafe")
+
+
+def _parallel_entry(entry):
+    """Run an entry point's kernels on ACCELBN_NUM_THREADS threads when it is set (else on Numba's
+    count for the calling thread), one call at a time under a layer that is not thread-safe."""
+
+    @functools.wraps(entry)
+    def call(*args):
+        previous = numba.get_num_threads()
+        if _NUM_THREADS is not None:
+            numba.set_num_threads(_NUM_THREADS)
+        try:
+            with contextlib.nullcontext() if _thread_safe_layer() else _SERIAL:
+                return entry(*args)
+        finally:
+            numba.set_num_threads(previous)
+
+    return call
+
+
 _inverse_std = njit(inline="always", error_model="numpy")(inverse_std)
 _backward_coefficients = njit(inline="always", error_model="numpy")(backward_coefficients)
+
+
+# --- scalars in the element dtype ---------------------------------------------------------------
+
+
+def _at(p, c):
+    """A parameter of channel c: a scalar as it is, a table's entry c."""
+
+
+@overload(_at, inline="always")
+def _at_overload(p, c):
+    if isinstance(p, types.Array):
+        return lambda p, c: p[c]
+    return lambda p, c: p
+
+
+def _as_element(a, v):
+    """v converted to the dtype of array a."""
+
+
+@overload(_as_element, inline="always")
+def _as_element_overload(a, v):
+    element = a.dtype
+    return lambda a, v: element(v)
+
+
+@njit(**_OPTIONS)
+def _split(a, v):
+    """v as a high part in a's dtype and the low remainder, for x - v to keep its accuracy."""
+    hi = _as_element(a, v)
+    return hi, _as_element(a, v - np.float64(hi))
+
+
+# --- reductions ----------------------------------------------------------------------------------
 
 
 @njit(**_REDUCTION)
@@ -91,9 +189,10 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 # --- element-wise passes -------------------------------------------------------------------------
-# Elements are computed in x's dtype, as PyTorch does. The mean is split into a high part (the mean
-# rounded to that dtype) and the low remainder, so x - mean keeps its accuracy however large the mean
-# is next to the spread: x - mean_hi is exact when x is near the mean (Sterbenz).
+# The normalize pass computes in x's dtype, as PyTorch does. The mean is split into a high part (the
+# mean rounded to that dtype) and the low remainder, so x - mean keeps its accuracy however large the
+# mean is next to the spread: x - mean_hi is exact when x is near the mean (Sterbenz). The gradient
+# computes in float64 (mean_lo = 0): its two terms can cancel to far below either of them.
 
 
 def _affine(x, mean_hi, mean_lo, scale, shift):
@@ -108,36 +207,8 @@ _affine_element = njit(inline="always", error_model="numpy")(_affine)
 _gradient_element = njit(inline="always", error_model="numpy")(_gradient)
 _affine_line = line_kernel(_affine, nontemporal=False)
 _affine_line_streamed = line_kernel(_affine, nontemporal=True)
-_gradient_line = line_kernel(_gradient, nontemporal=False)
-_gradient_line_streamed = line_kernel(_gradient, nontemporal=True)
-
-
-def _at(p, c):
-    """A parameter of channel c: a scalar as it is, a table's entry c."""
-
-
-@overload(_at, inline="always")
-def _at_overload(p, c):
-    if isinstance(p, types.Array):
-        return lambda p, c: p[c]
-    return lambda p, c: p
-
-
-def _as_element(a, v):
-    """v converted to the dtype of array a."""
-
-
-@overload(_as_element, inline="always")
-def _as_element_overload(a, v):
-    element = a.dtype
-    return lambda a, v: element(v)
-
-
-@njit(**_OPTIONS)
-def _split(a, v):
-    """v as a high part in a's dtype and the low remainder, for x - v to keep its accuracy."""
-    hi = _as_element(a, v)
-    return hi, _as_element(a, v - np.float64(hi))
+_gradient_line = line_kernel(_gradient, nontemporal=False, wide=True)
+_gradient_line_streamed = line_kernel(_gradient, nontemporal=True, wide=True)
 
 
 @njit(**_OPTIONS)
@@ -168,7 +239,13 @@ def _gradient_elements(dy, x, f0, f1, params, channels, dx):
     for f in range(f0, f1):
         c = f % channels
         dx[f] = _gradient_element(
-            dy[f], x[f], _at(params[0], c), _at(params[1], c), _at(params[2], c), _at(params[3], c), _at(params[4], c)
+            np.float64(dy[f]),
+            np.float64(x[f]),
+            _at(params[0], c),
+            _at(params[1], c),
+            _at(params[2], c),
+            _at(params[3], c),
+            _at(params[4], c),
         )
 
 
@@ -275,10 +352,9 @@ def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_
             b += b_k
         sum_dy[c] = a
         sum_dy_xmu[c] = b
-        hi, lo = _split(dx, mean[c])
         if training:
             mean_dy, k_c, scale = _backward_coefficients(a, b, invstd[c], weight[c], np.float64(outer * inner))
-            params = (hi, lo, _as_element(dx, mean_dy), _as_element(dx, k_c), _as_element(dx, scale))
+            params = (mean[c], 0.0, mean_dy, k_c, scale)
             for r in range(outer):
                 _write_gradient(dy[r, c], x[r, c], 0, inner, params, 1, dx[r, c], stream)
         else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
@@ -450,6 +526,12 @@ def _element_params(dtype, mean, *vectors):
     return (hi, (mean - hi).astype(dtype), *(v.astype(dtype) for v in vectors))
 
 
+def _tables(params, channels, out):
+    """Per-channel vectors repeated cyclically, so that a line of ``out`` starting at any channel
+    reads its parameters from one contiguous run."""
+    return tuple(np.resize(p, channels + LINE_BYTES // out.itemsize) for p in params)
+
+
 def _dense(a):
     """``a`` (outer, C, inner) with unit-stride rows, copied only when they are not."""
     return a if a.shape[2] == 1 or a.strides[2] == a.itemsize else np.ascontiguousarray(a)
@@ -481,6 +563,7 @@ def _threads_tasks(units):
     return max(1, min(units, 8 * numba.get_num_threads()))
 
 
+@_parallel_entry
 def forward_train(x, weight, bias, eps, y):
     """Normalize ``x`` with its own statistics into ``y``; return the per-channel mean and biased var."""
     outer, channels, inner = x.shape
@@ -512,6 +595,7 @@ def forward_train(x, weight, bias, eps, y):
     return mean, var
 
 
+@_parallel_entry
 def normalize(x, mean, scale, shift, y):
     """y = (x - mean) * scale + shift per channel: the eval forward."""
     outer, channels, inner = x.shape
@@ -522,12 +606,13 @@ def normalize(x, mean, scale, shift, y):
         tasks = _threads_tasks(outer * channels * segments)
         _normalize_channels_first(_dense(x), params, target.array, tasks, _streams(y))
     else:
-        tables = tuple(np.resize(p, channels + LINE_BYTES // p.itemsize) for p in params)
+        tables = _tables(params, channels, y)
         block = _block_rows(channels) * channels
         _normalize_channels_last(_rows(x).reshape(-1), tables, channels, target.flat(), block, _streams(y))
     target.finish()
 
 
+@_parallel_entry
 def backward(dy, x, mean, invstd, weight, training, dx):
     """Write dx; return the per-channel sums of dy and of dy * (x - mean)."""
     outer, channels, inner = x.shape
@@ -561,14 +646,14 @@ def backward(dy, x, mean, invstd, weight, training, dx):
         normalize(dy, zeros, weight * invstd, zeros, dx)
         return sum_dy, sum_dy_xmu
     mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, outer * inner)
-    params = _element_params(dx.dtype, mean, mean_dy, k, scale)
+    params = (mean, np.zeros(channels), mean_dy, k, scale)  # float64: the gradient computes wide
     target = _Target(dx)
     if inner > 1:
         segments = (inner + ROW_SEGMENT - 1) // ROW_SEGMENT
         tasks = _threads_tasks(outer * channels * segments)
         _gradient_channels_first(dy, x, params, target.array, tasks, _streams(dx))
     else:
-        tables = tuple(np.resize(p, channels + LINE_BYTES // p.itemsize) for p in params)
+        tables = _tables(params, channels, dx)
         block = _block_rows(channels) * channels
         _gradient_channels_last(dy.reshape(-1), x.reshape(-1), tables, channels, target.flat(), block, _streams(dx))
     target.finish()

@@ -4,7 +4,7 @@ float64 reference, and bitwise determinism run to run and across thread counts."
 import numba
 import numpy as np
 import pytest
-from conftest import random_array, reference_backward, reference_forward, rel_error
+from conftest import assert_matches_reference, random_array, reference_backward, reference_forward, rel_error
 
 import accelbn as abn
 
@@ -126,3 +126,32 @@ def test_bitwise_identical_run_to_run_and_for_1_and_2_threads(shape, axis):
         numba.set_num_threads(before)
     for a, b, c in zip(one, two, again):
         assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+# Every path of the Numba kernels: per-channel fused or chunk-parallel (channels-first), direct or
+# streaming stores, output aligned or not; shapes with long rows (split into segments), short rows,
+# and channel counts that do not fill a cache line.
+PATHS = [((8, 16, 37, 5), 1), ((2, 3, 70001), 1), ((300, 40), 1), ((6, 7, 9, 24), -1), ((5000, 3), 1)]
+
+
+@pytest.mark.parametrize("shape, axis", PATHS, ids=["NCHW", "long-rows", "NC", "NHWC", "NC-3"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_paths_agree_bitwise_and_match_the_reference(monkeypatch, shape, axis, dtype):
+    from accelbn.backends import numba_cpu
+
+    x = random_array(shape, dtype, loc=3.0)
+    dy = random_array(shape, dtype, seed=1)
+    results = []
+    for stream_min, cached_slice in [(1 << 62, 1 << 62), (0, 1 << 62), (1 << 62, 0), (0, 0)]:
+        monkeypatch.setattr(numba_cpu, "STREAM_MIN_BYTES", stream_min)
+        monkeypatch.setattr(numba_cpu, "CACHED_SLICE_BYTES", cached_slice)
+        for offset in (0, 1):  # out= one element past a line boundary: unaligned heads and tails
+            out = np.empty(x.size + offset, dtype)[offset:].reshape(shape)
+            y = abn.batch_norm(x, None, None, training=True, axis=axis, out=out)
+            results.append([y.copy(), *_all_outputs(x, dy, axis)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert a.tobytes() == b.tobytes()
+    y, stats, *_ = reference_forward(x, None, None, None, None, True, axis=axis)
+    assert_matches_reference(results[0][0], y)
+    assert_matches_reference(results[0][6], reference_backward(dy, x, stats, None, True, axis=axis)[0])
