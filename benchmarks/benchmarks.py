@@ -1,50 +1,74 @@
-"""airspeed velocity benchmarks: train, eval and backward per backend and layout, float32."""
+"""airspeed velocity benchmarks: train, eval and backward per backend over the grid of
+``python -m accelbn bench``, their peak memory, their time relative to a memory copy of the same
+array, and the cost of ``import accelbn`` plus a first call in a fresh process."""
+
+import statistics
+import time
 
 import numpy as np
 
 import accelbn as abn
+from accelbn._bench import FULL_GRID
 
-SHAPES = {
-    "NCHW 32x64x56x56": ((32, 64, 56, 56), 1),
-    "NHWC 32x56x56x64": ((32, 56, 56, 64), -1),
-    "NC 4096x256": ((4096, 256), 1),
-}
+CASES = {f"{case.layout} {case.label} {np.dtype(case.dtype).name}": case for case in FULL_GRID}
+BACKENDS = ["numba", "numpy"]
+PASSES = ["train", "eval", "backward"]
 
 
-class BatchNorm:
-    params = (["numba", "numpy"], list(SHAPES), ["train", "eval", "backward"])
-    param_names = ["backend", "shape", "pass"]
+class _Pass:
+    """One (backend, case, pass) with its arrays built and its kernels compiled in ``setup``."""
 
-    def setup(self, backend, shape, pass_):
-        dims, axis = SHAPES[shape]
-        channels = dims[axis]
+    params = (BACKENDS, list(CASES), PASSES)
+    param_names = ["backend", "case", "pass"]
+
+    def setup(self, backend, case, pass_):
+        if backend not in abn.available_backends():
+            raise NotImplementedError(f"backend {backend!r} is not installed")
+        case = CASES[case]
+        axis = case.axis
+        channels = case.shape[axis]
         rng = np.random.default_rng(0)
-        self.x = rng.standard_normal(dims, dtype=np.float32)
-        self.dy = rng.standard_normal(dims, dtype=np.float32)
-        self.out = np.empty_like(self.x)
-        self.running_mean = np.zeros(channels, np.float32)
-        self.running_var = np.ones(channels, np.float32)
-        self.run = getattr(self, f"_{pass_}")
-        self.backend, self.axis = backend, axis
-        _, self.stats = abn.batch_norm(self.x, None, None, training=True, axis=axis, return_stats=True)
+        x = rng.standard_normal(case.shape, dtype=case.dtype)
+        dy = rng.standard_normal(case.shape, dtype=case.dtype)
+        out = np.empty_like(x)
+        running_mean, running_var = np.zeros(channels, case.dtype), np.ones(channels, case.dtype)
+        _, stats = abn.batch_norm(x, None, None, training=True, axis=axis, return_stats=True, backend=backend)
+        self.copy = lambda: np.copyto(out, x)
+        self.run = {
+            "train": lambda: abn.batch_norm(
+                x, running_mean, running_var, training=True, axis=axis, out=out, backend=backend
+            ),
+            "eval": lambda: abn.batch_norm(x, running_mean, running_var, axis=axis, out=out, backend=backend),
+            "backward": lambda: abn.batch_norm_backward(dy, x, stats, axis=axis, out=out, backend=backend),
+        }[pass_]
         self.run()  # compiles (or loads) the kernels outside the timed body
+        self.copy()
 
-    def _train(self):
-        abn.batch_norm(
-            self.x, self.running_mean, self.running_var, training=True, axis=self.axis, out=self.out, backend=self.backend
-        )
 
-    def _eval(self):
-        abn.batch_norm(self.x, self.running_mean, self.running_var, axis=self.axis, out=self.out, backend=self.backend)
-
-    def _backward(self):
-        abn.batch_norm_backward(self.dy, self.x, self.stats, axis=self.axis, out=self.out, backend=self.backend)
-
-    def time_batch_norm(self, backend, shape, pass_):
+class BatchNorm(_Pass):
+    def time_pass(self, backend, case, pass_):
         self.run()
 
-    def peakmem_batch_norm(self, backend, shape, pass_):
+    def peakmem_pass(self, backend, case, pass_):
+        # With out= given, the peak is the inputs and output of setup plus the kernels' scratch.
         self.run()
+
+
+class RatioToCopy(_Pass):
+    """The pass's median time over that of ``np.copyto`` on the same array, measured side by side:
+    a number that moves when the kernels regress, not when the machine does."""
+
+    unit = "ratio"
+    repeat = 7
+
+    def track_ratio_to_copy(self, backend, case, pass_):
+        pass_times, copy_times = [], []
+        for _ in range(self.repeat):
+            for run, times in ((self.run, pass_times), (self.copy, copy_times)):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+        return statistics.median(pass_times) / statistics.median(copy_times)
 
 
 def timeraw_import_and_first_call():
