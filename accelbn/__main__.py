@@ -19,11 +19,14 @@ def _parser():
     parser = argparse.ArgumentParser(prog="python -m accelbn", description="accelbn command line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     commands.add_parser("info", help="versions, backends, Numba threading and CPU, one 'key: value' per line")
-    bench = commands.add_parser("bench", help="time accelbn against a memory copy, NumPy and PyTorch CPU")
+    bench = commands.add_parser(
+        "bench", help="time accelbn against a memory copy, NumPy, PyTorch CPU and ONNX Runtime"
+    )
     bench.add_argument("--quick", action="store_true", help="a small grid that runs in seconds")
     bench.add_argument(
         "--repeat", type=_positive_int, metavar="N", help="timed runs of each callable (default: 7, or 5 with --quick)"
     )
+    bench.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     return parser
 
 
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
     else:
         from accelbn import _bench
 
-        _bench.run(quick=args.quick, repeat=args.repeat)
+        _bench.run(quick=args.quick, repeat=args.repeat, as_json=args.json)
     return 0
 
 

@@ -1,6 +1,7 @@
-"""``python -m accelbn bench``: time accelbn against a memory copy, plain NumPy and PyTorch CPU.
+"""``python -m accelbn bench``: time accelbn against a memory copy, plain NumPy, PyTorch CPU and
+ONNX Runtime.
 
-For each shape of a grid and each pass (train forward, eval forward, training backward) four
+For each shape of a grid and each pass (train forward, eval forward, training backward) up to five
 callables are timed side by side:
 
 * copy: ``np.copyto(y, x)``, the memory traffic of a forward pass (one read, one write; a backward
@@ -9,14 +10,22 @@ callables are timed side by side:
 * accelbn: ``batch_norm`` / ``batch_norm_backward`` on the default backend, writing into ``out``;
 * numpy: the few lines a user would write, in x's dtype, allocating as such code does;
 * torch: ``torch.nn.functional.batch_norm`` and its backward kernel, on the same memory (skipped,
-  shown as "-", when PyTorch is not installed).
+  shown as "-", when PyTorch is not installed);
+* onnxruntime: the eval pass only, as ONNX Runtime is an inference runtime: a model of one
+  BatchNormalization node (opset 15) with the case's parameters as initializers, run on the CPU
+  provider with Numba's thread count through IO binding, x bound as input and a preallocated
+  array of its own as output, so no allocation is timed. ONNX wants channels at axis 1, so for
+  NHWC the model transposes x to NCHW and the result back, and the column includes both
+  transposes. It is shown only when ``onnxruntime`` and ``onnx`` (which builds the model) are
+  installed.
 
 Every callable runs once untimed (Numba compiles or loads its kernels, pages get touched), then
-once per repeat in interleaved order, so that drift in clock speed or memory state reaches all four
-alike; the table reports medians.
+once per repeat in interleaved order, so that drift in clock speed or memory state reaches all
+alike; the table reports medians. ``--json`` prints the same medians as one JSON document.
 """
 
 import datetime
+import json
 import math
 import statistics
 import sys
@@ -71,7 +80,8 @@ QUICK_GRID = (
 
 
 class Row(NamedTuple):
-    """Median milliseconds of one (case, pass); ``torch_ms`` is None without PyTorch."""
+    """Median milliseconds of one (case, pass); ``torch_ms`` is None without PyTorch, and
+    ``onnxruntime_ms`` without ONNX Runtime or outside the eval pass."""
 
     case: Case
     pass_name: str
@@ -79,6 +89,15 @@ class Row(NamedTuple):
     accelbn_ms: float
     numpy_ms: float
     torch_ms: float | None
+    onnxruntime_ms: float | None
+
+    @property
+    def ratio_to_copy(self):
+        return self.accelbn_ms / self.copy_ms
+
+    @property
+    def speedup_vs_torch(self):
+        return None if self.torch_ms is None else self.torch_ms / self.accelbn_ms
 
 
 class _Arrays:
@@ -197,6 +216,55 @@ def _torch_calls(a, torch):
     return {"train": train, "eval": eval_, "backward": backward}
 
 
+def _onnx_model(a):
+    """The eval pass as an ONNX model: one BatchNormalization node with the case's parameters as
+    initializers, between transposes to channels-first and back when channels are last."""
+    from onnx import helper, numpy_helper
+
+    parameters = {"scale": a.weight, "B": a.bias, "input_mean": a.running_mean, "input_var": a.running_var}
+    channels_first = a.channel_axis == 1
+    x, y = ("X", "Y") if channels_first else ("X_channels_first", "Y_channels_first")
+    nodes = [helper.make_node("BatchNormalization", [x, *parameters], [y], epsilon=EPS)]
+    if not channels_first:
+        to_channels_first = [0, a.channel_axis, *range(1, a.channel_axis)]
+        nodes = [
+            helper.make_node("Transpose", ["X"], [x], perm=to_channels_first),
+            *nodes,
+            helper.make_node("Transpose", [y], ["Y"], perm=np.argsort(to_channels_first).tolist()),
+        ]
+    element_type = helper.np_dtype_to_tensor_dtype(a.x.dtype)
+    graph = helper.make_graph(
+        nodes,
+        "batch_norm_eval",
+        [helper.make_tensor_value_info("X", element_type, a.x.shape)],
+        [helper.make_tensor_value_info("Y", element_type, a.x.shape)],
+        [numpy_helper.from_array(value, name) for name, value in parameters.items()],
+    )
+    # IR version 8 goes with opset 15; onnx otherwise writes its newest, which older runtimes reject.
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+
+
+def _onnxruntime_calls(a, onnxruntime):
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = numba.get_num_threads()
+    # Idle ONNX Runtime threads otherwise spin after each run, taking cores from the callable timed next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(
+        _onnx_model(a).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    # Its own output: one more write into y between accelbn's runs slowed accelbn's eval by a third.
+    out = np.empty_like(a.x)
+    binding = session.io_binding()
+    binding.bind_cpu_input("X", a.x)
+    binding.bind_ortvalue_output("Y", onnxruntime.OrtValue.ortvalue_from_numpy(out))
+
+    def eval_():
+        session.run_with_iobinding(binding)
+        return out
+
+    return {"eval": eval_}
+
+
 def _median_ms(calls, repeat):
     """Median milliseconds of each callable: all warmed once, then timed once per repeat, interleaved."""
     for call in calls:
@@ -240,17 +308,22 @@ class _Progress:
             self._stream.flush()
 
 
-def _measure_case(case, repeat, torch, progress, rng):
+def _measure_case(case, repeat, torch, onnxruntime, progress, rng):
     # Arrays live only in this call, so one case's memory is freed before the next is allocated.
     arrays = _Arrays(case, rng)
-    columns = [_copy_calls(arrays), _accelbn_calls(arrays), _numpy_calls(arrays)]
+    columns = {"copy": _copy_calls(arrays), "accelbn": _accelbn_calls(arrays), "numpy": _numpy_calls(arrays)}
     if torch is not None:
-        columns.append(_torch_calls(arrays, torch))
+        columns["torch"] = _torch_calls(arrays, torch)
+    if onnxruntime is not None:
+        columns["onnxruntime"] = _onnxruntime_calls(arrays, onnxruntime)
     rows = []
     for pass_name in PASSES:
         progress.start(f"{pass_name} {case.label} {case.layout} {np.dtype(case.dtype).name}")
-        copy_ms, accelbn_ms, numpy_ms, *torch_ms = _median_ms([c[pass_name] for c in columns], repeat)
-        rows.append(Row(case, pass_name, copy_ms, accelbn_ms, numpy_ms, torch_ms[0] if torch_ms else None))
+        timed = {name: calls[pass_name] for name, calls in columns.items() if pass_name in calls}
+        ms = dict(zip(timed, _median_ms(list(timed.values()), repeat)))
+        rows.append(
+            Row(case, pass_name, ms["copy"], ms["accelbn"], ms["numpy"], ms.get("torch"), ms.get("onnxruntime"))
+        )
     return rows
 
 
@@ -262,15 +335,26 @@ def _import_torch():
     return torch
 
 
-def measure(grid, repeat, torch, progress_stream=sys.stderr):
+def _import_onnxruntime():
+    """onnxruntime, or None unless both it and onnx, which :func:`_onnx_model` builds with, import."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+def measure(grid, repeat, torch, onnxruntime=None, progress_stream=None):
     """One :class:`Row` per case of ``grid`` and pass, from ``repeat`` timed runs of each callable.
 
-    ``torch`` is the torch module, or None to leave PyTorch out.
+    ``torch`` and ``onnxruntime`` are those modules, or None to leave them out. Progress goes to
+    ``progress_stream``, by default standard error.
     """
     rng = np.random.default_rng(0)
-    progress = _Progress(len(grid) * len(PASSES), progress_stream)
+    progress = _Progress(len(grid) * len(PASSES), progress_stream or sys.stderr)
     try:
-        return [row for case in grid for row in _measure_case(case, repeat, torch, progress, rng)]
+        return [row for case in grid for row in _measure_case(case, repeat, torch, onnxruntime, progress, rng)]
     finally:
         progress.close()
 
@@ -283,28 +367,31 @@ def _ms(value):
     return f"{value:.{decimals}f}"
 
 
-def _ratio(numerator, denominator):
-    return "-" if numerator is None else f"{numerator / denominator:.2f}"
+def _ratio(value):
+    return "-" if value is None else f"{value:.2f}"
 
 
 COLUMNS = (
     "shape", "layout", "dtype", "pass",
-    "copy ms", "accelbn ms", "accelbn/copy", "numpy ms", "torch ms", "speedup vs torch",
+    "copy ms", "accelbn ms", "accelbn/copy", "numpy ms", "torch ms", "speedup vs torch", "onnxruntime ms",
 )
 _TEXT_COLUMNS = 4
 
 
 def format_table(rows):
-    """The rows as an aligned text table: text columns left-aligned, numbers right-aligned."""
+    """The rows as an aligned text table: text columns left-aligned, numbers right-aligned; the
+    onnxruntime column only when some row has its time."""
     cells = [COLUMNS] + [
         (
             row.case.label, row.case.layout, np.dtype(row.case.dtype).name, row.pass_name,
-            _ms(row.copy_ms), _ms(row.accelbn_ms), _ratio(row.accelbn_ms, row.copy_ms),
-            _ms(row.numpy_ms), _ms(row.torch_ms), _ratio(row.torch_ms, row.accelbn_ms),
+            _ms(row.copy_ms), _ms(row.accelbn_ms), _ratio(row.ratio_to_copy),
+            _ms(row.numpy_ms), _ms(row.torch_ms), _ratio(row.speedup_vs_torch), _ms(row.onnxruntime_ms),
         )
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    if all(row.onnxruntime_ms is None for row in rows):
+        cells = [line[:-1] for line in cells]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     return "\n".join(
         "  ".join(
             cell.ljust(width) if i < _TEXT_COLUMNS else cell.rjust(width)
@@ -321,12 +408,45 @@ def _header(torch):
     return f"cpu: {cpu_model()}; {threads}; date: {datetime.datetime.now():%Y-%m-%d %H:%M}"
 
 
-def run(quick=False, repeat=None, stream=sys.stdout):
-    """Benchmark the full or quick grid and print the header line and table to ``stream``."""
+def format_json(rows, repeat):
+    """The rows and the machine they ran on as one JSON document; None becomes null."""
+    document = {
+        "accelbn_version": accelbn.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "threads": numba.get_num_threads(),
+        "threading_layer": numba.threading_layer(),
+        "repeat": repeat,
+        "results": [
+            {
+                "shape": list(row.case.shape),
+                "layout": row.case.layout,
+                "dtype": np.dtype(row.case.dtype).name,
+                "pass": row.pass_name,
+                "copy_ms": row.copy_ms,
+                "accelbn_ms": row.accelbn_ms,
+                "numpy_ms": row.numpy_ms,
+                "torch_ms": row.torch_ms,
+                "onnxruntime_ms": row.onnxruntime_ms,
+                "ratio_to_copy": row.ratio_to_copy,
+                "speedup_vs_torch": row.speedup_vs_torch,
+            }
+            for row in rows
+        ],
+    }
+    return json.dumps(document, indent=2)
+
+
+def run(quick=False, repeat=None, stream=None, as_json=False):
+    """Benchmark the full or quick grid and print to ``stream`` (by default standard output) the
+    header line and table, or with ``as_json`` one JSON document."""
     grid = QUICK_GRID if quick else FULL_GRID
     if repeat is None:
         repeat = QUICK_REPEAT if quick else FULL_REPEAT
     torch = _import_torch()
-    rows = measure(grid, repeat, torch)
-    print(_header(torch), file=stream)
-    print(format_table(rows), file=stream)
+    rows = measure(grid, repeat, torch, _import_onnxruntime())
+    if as_json:
+        print(format_json(rows, repeat), file=stream)
+    else:
+        print(_header(torch), file=stream)
+        print(format_table(rows), file=stream)

@@ -1,15 +1,23 @@
-"""The command line, run as users run it: ``python -m accelbn`` in a subprocess."""
+"""The command line: run as users run it, ``python -m accelbn`` in a subprocess, and bench's
+output checked in this process on a tiny grid."""
 
+import json
 import re
 import subprocess
 import sys
 
+import numba
+import numpy as np
 import pytest
 
 import accelbn
+from accelbn import _bench
+from accelbn.__main__ import main
 
 QUICK_SHAPES = {("32x64x56x56", "NCHW"), ("32x56x56x64", "NHWC"), ("4096x256", "NC"), ("4x8x4x4", "NCHW")}
 PASSES = {"train", "eval", "backward"}
+# One small case per layout, so that in-process runs of the bench take a fraction of a second.
+TINY_GRID = (_bench.Case((4, 8, 4, 4), "NCHW"), _bench.Case((4, 4, 4, 8), "NHWC"), _bench.Case((64, 8), "NC"))
 
 
 def run_cli(*args, timeout=120):
@@ -26,6 +34,23 @@ def table_rows(stdout):
     rows = [re.split(r"\s{2,}", line.strip()) for line in lines[title_index + 1 :] if line.strip()]
     assert all(len(row) == len(titles) for row in rows), stdout
     return [dict(zip(titles, row)) for row in rows]
+
+
+@pytest.fixture
+def bench(monkeypatch, capsys):
+    """``python -m accelbn bench --quick ARGS`` in this process on TINY_GRID; returns stdout."""
+    monkeypatch.setattr(_bench, "QUICK_GRID", TINY_GRID)
+
+    def run(*args):
+        assert main(["bench", "--quick", *args]) == 0
+        return capsys.readouterr().out
+
+    return run
+
+
+@pytest.fixture
+def without_onnxruntime(monkeypatch):
+    monkeypatch.setattr(_bench, "_import_onnxruntime", lambda: None)
 
 
 def test_info_prints_version_and_backends():
@@ -48,6 +73,68 @@ def test_bench_quick_has_a_row_per_shape_and_pass():
     for row in rows:
         assert float(row["accelbn/copy"]) > 0
         assert float(row["accelbn ms"]) > 0
+
+
+def check_results(results, onnxruntime_installed):
+    assert sorted((tuple(r["shape"]), r["layout"], r["pass"]) for r in results) == sorted(
+        (case.shape, case.layout, pass_name) for case in TINY_GRID for pass_name in PASSES
+    )
+    for r in results:
+        assert r["dtype"] == "float32"
+        # torch is in the test extra, so its column is always measured here.
+        for key in ("copy_ms", "accelbn_ms", "numpy_ms", "torch_ms"):
+            assert isinstance(r[key], float) and r[key] > 0, (key, r)
+        assert r["ratio_to_copy"] == r["accelbn_ms"] / r["copy_ms"]
+        assert r["speedup_vs_torch"] == r["torch_ms"] / r["accelbn_ms"]
+        if onnxruntime_installed and r["pass"] == "eval":
+            assert isinstance(r["onnxruntime_ms"], float) and r["onnxruntime_ms"] > 0, r
+        else:
+            assert r["onnxruntime_ms"] is None, r
+
+
+def test_bench_json_has_a_result_per_case_and_pass(bench):
+    document = json.loads(bench("--json", "--repeat", "2"))
+    assert document["accelbn_version"] == accelbn.__version__
+    assert document["repeat"] == 2
+    assert document["threads"] == numba.get_num_threads()
+    assert document["threading_layer"] == numba.threading_layer()
+    assert document["cpu"] and document["date"]
+    check_results(document["results"], onnxruntime_installed=_bench._import_onnxruntime() is not None)
+
+
+def test_bench_json_has_null_onnxruntime_times_without_onnxruntime(bench, without_onnxruntime):
+    check_results(json.loads(bench("--json", "--repeat", "1"))["results"], onnxruntime_installed=False)
+
+
+def test_bench_table_has_no_onnxruntime_column_without_onnxruntime(bench, without_onnxruntime):
+    rows = table_rows(bench("--repeat", "1"))
+    assert len(rows) == len(TINY_GRID) * len(PASSES)
+    assert "onnxruntime ms" not in rows[0]
+
+
+def test_bench_table_has_onnxruntime_times_for_eval_only(bench):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    for row in table_rows(bench("--repeat", "1")):
+        assert (row["onnxruntime ms"] == "-") == (row["pass"] != "eval"), row
+
+
+@pytest.mark.parametrize(
+    "case",
+    TINY_GRID + (_bench.Case((4, 8, 4, 4), "NCHW", np.float64),),
+    ids=lambda case: f"{case.label}-{case.layout}-{np.dtype(case.dtype).name}",
+)
+def test_onnxruntime_eval_matches_accelbn(case):
+    pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(1)
+    arrays = _bench._Arrays(case, rng)
+    # Running statistics away from 0 and 1, so that a mean or variance put in the wrong slot shows.
+    arrays.running_mean[...] = rng.standard_normal(arrays.running_mean.shape)
+    arrays.running_var[...] = rng.uniform(0.5, 2.0, arrays.running_var.shape)
+    got = _bench._onnxruntime_calls(arrays, onnxruntime)["eval"]()
+    _bench._accelbn_calls(arrays)["eval"]()
+    np.testing.assert_allclose(got, arrays.y, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_command_exits_with_usage():
