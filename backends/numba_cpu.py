@@ -22,9 +22,9 @@ bitwise identical run to run and for any number of threads.
 Only the reduction helpers are compiled with ``reassoc``: it lets LLVM vectorize a sum (about 4x on
 this machine) in an order fixed at compile time. Everything else is strict IEEE arithmetic.
 
-Outputs larger than the caches are written with streaming stores (:mod:`._streaming`): each row is
-computed a tile at a time into a small scratch array and the tile's whole cache lines are streamed
-out, so writing y costs one pass over memory instead of two.
+Element passes (normalize, gradient) compute a cache line at a time with SIMD (:mod:`._lines`), and
+outputs of ``STREAM_MIN_BYTES`` or more are written with streaming stores, so writing y costs one
+pass over memory instead of two.
 """
 
 import contextlib
@@ -85,7 +85,7 @@ def _threads_from_environment():
 
 _pin_threading_layer()
 _NUM_THREADS = _threads_from_environment()
-_SERIAL = threading.RLock()
+_SERIAL = threading.Lock()
 
 
 def _thread_safe_layer():
@@ -100,14 +100,18 @@ def _parallel_entry(entry):
     """Run an entry point's kernels on ACCELBN_NUM_THREADS threads when it is set (else on Numba's
     count for the calling thread), one call at a time under a layer that is not thread-safe."""
 
+    def serialized(*args):
+        with contextlib.nullcontext() if _thread_safe_layer() else _SERIAL:
+            return entry(*args)
+
     @functools.wraps(entry)
     def call(*args):
+        if _NUM_THREADS is None:
+            return serialized(*args)
         previous = numba.get_num_threads()
-        if _NUM_THREADS is not None:
-            numba.set_num_threads(_NUM_THREADS)
+        numba.set_num_threads(_NUM_THREADS)
         try:
-            with contextlib.nullcontext() if _thread_safe_layer() else _SERIAL:
-                return entry(*args)
+            return serialized(*args)
         finally:
             numba.set_num_threads(previous)
 
@@ -387,39 +391,51 @@ def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu):
         part_dy[k, c], part_dy_xmu[k, c] = _chunk_gradient_sums(dy, x, c, mean[c], k, rows, segments)
 
 
+# The parallel element passes split the rows into segments of at most ROW_SEGMENT elements and give
+# each of ``tasks`` tasks a contiguous run of them, so a task fences its streaming stores once.
+
+
 @njit(**_OPTIONS)
-def _segment(x, u, segments):
-    """Row r, channel c and first element f0 of the u-th row segment."""
+def _segments_per_row(x):
+    return (x.shape[2] + ROW_SEGMENT - 1) // ROW_SEGMENT
+
+
+@njit(**_OPTIONS)
+def _task_segments(x, t, tasks):
+    """The range of row segments task t of ``tasks`` does."""
+    units = x.shape[0] * x.shape[1] * _segments_per_row(x)
+    return range(t * units // tasks, (t + 1) * units // tasks)
+
+
+@njit(**_OPTIONS)
+def _segment(x, u):
+    """Row r, channel c and element range [f0, f1) of row segment u."""
+    segments = _segments_per_row(x)
     rc = u // segments
     r = rc // x.shape[1]
-    return r, rc - r * x.shape[1], (u - rc * segments) * ROW_SEGMENT
+    f0 = (u - rc * segments) * ROW_SEGMENT
+    return r, rc - r * x.shape[1], f0, min(f0 + ROW_SEGMENT, x.shape[2])
 
 
 @njit(parallel=True, **_OPTIONS)
 def _normalize_channels_first(x, params, y, tasks, stream):
-    """y = affine(x) over row segments, ``tasks`` contiguous runs of them; ``params`` per-channel arrays."""
-    outer, channels, inner = x.shape
-    segments = (inner + ROW_SEGMENT - 1) // ROW_SEGMENT
-    units = outer * channels * segments
+    """y = affine(x) over the row segments; ``params`` per-channel arrays."""
     for t in prange(tasks):
-        for u in range(t * units // tasks, (t + 1) * units // tasks):
-            r, c, f0 = _segment(x, u, segments)
+        for u in _task_segments(x, t, tasks):
+            r, c, f0, f1 = _segment(x, u)
             p = (params[0][c], params[1][c], params[2][c], params[3][c])
-            _write_affine(x[r, c], f0, min(f0 + ROW_SEGMENT, inner), p, 1, y[r, c], stream)
+            _write_affine(x[r, c], f0, f1, p, 1, y[r, c], stream)
         if stream:
             store_fence()
 
 
 @njit(parallel=True, **_OPTIONS)
 def _gradient_channels_first(dy, x, params, dx, tasks, stream):
-    outer, channels, inner = x.shape
-    segments = (inner + ROW_SEGMENT - 1) // ROW_SEGMENT
-    units = outer * channels * segments
     for t in prange(tasks):
-        for u in range(t * units // tasks, (t + 1) * units // tasks):
-            r, c, f0 = _segment(x, u, segments)
+        for u in _task_segments(x, t, tasks):
+            r, c, f0, f1 = _segment(x, u)
             p = (params[0][c], params[1][c], params[2][c], params[3][c], params[4][c])
-            _write_gradient(dy[r, c], x[r, c], f0, min(f0 + ROW_SEGMENT, inner), p, 1, dx[r, c], stream)
+            _write_gradient(dy[r, c], x[r, c], f0, f1, p, 1, dx[r, c], stream)
         if stream:
             store_fence()
 
@@ -559,7 +575,9 @@ class _Target:
             np.copyto(self.y, self.array)
 
 
-def _threads_tasks(units):
+def _segment_tasks(x):
+    """Tasks for the channels-first element passes: enough to balance the threads, at most one per segment."""
+    units = x.shape[0] * x.shape[1] * _segments_per_row(x)
     return max(1, min(units, 8 * numba.get_num_threads()))
 
 
@@ -591,25 +609,27 @@ def forward_train(x, weight, bias, eps, y):
         part_m2 = np.empty((blocks, channels))
         _block_moments_channels_last(x2, block_rows, part_mean, part_m2)
     _merge_moments(count, part_mean, part_m2, mean, var)
-    normalize(x, mean, weight * inverse_std(var, eps), bias, y)
+    _normalize(x, mean, weight * inverse_std(var, eps), bias, y)
     return mean, var
 
 
-@_parallel_entry
-def normalize(x, mean, scale, shift, y):
-    """y = (x - mean) * scale + shift per channel: the eval forward."""
+def _normalize(x, mean, scale, shift, y):
     outer, channels, inner = x.shape
     params = _element_params(y.dtype, mean, scale, shift)
     target = _Target(y)
     if inner > 1:
-        segments = (inner + ROW_SEGMENT - 1) // ROW_SEGMENT
-        tasks = _threads_tasks(outer * channels * segments)
-        _normalize_channels_first(_dense(x), params, target.array, tasks, _streams(y))
+        _normalize_channels_first(_dense(x), params, target.array, _segment_tasks(x), _streams(y))
     else:
         tables = _tables(params, channels, y)
         block = _block_rows(channels) * channels
         _normalize_channels_last(_rows(x).reshape(-1), tables, channels, target.flat(), block, _streams(y))
     target.finish()
+
+
+@_parallel_entry
+def normalize(x, mean, scale, shift, y):
+    """y = (x - mean) * scale + shift per channel: the eval forward."""
+    _normalize(x, mean, scale, shift, y)
 
 
 @_parallel_entry
@@ -643,15 +663,13 @@ def backward(dy, x, mean, invstd, weight, training, dx):
     _sum_parts(part_dy_xmu, sum_dy_xmu)
     if not training:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
         zeros = np.zeros(channels)
-        normalize(dy, zeros, weight * invstd, zeros, dx)
+        _normalize(dy, zeros, weight * invstd, zeros, dx)
         return sum_dy, sum_dy_xmu
     mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, outer * inner)
     params = (mean, np.zeros(channels), mean_dy, k, scale)  # float64: the gradient computes wide
     target = _Target(dx)
     if inner > 1:
-        segments = (inner + ROW_SEGMENT - 1) // ROW_SEGMENT
-        tasks = _threads_tasks(outer * channels * segments)
-        _gradient_channels_first(dy, x, params, target.array, tasks, _streams(dx))
+        _gradient_channels_first(dy, x, params, target.array, _segment_tasks(x), _streams(dx))
     else:
         tables = _tables(params, channels, dx)
         block = _block_rows(channels) * channels
