@@ -2,8 +2,9 @@
 
 import importlib
 import importlib.util
+import sys
 
-from accelbn._arrays import NUMPY
+from accelbn._arrays import CUPY, NUMPY
 
 
 class _Backend:
@@ -14,36 +15,64 @@ class _Backend:
         self.install = install
 
     def installed(self):
-        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+        if self.requires is None:
+            return True
+        try:
+            return importlib.util.find_spec(self.requires) is not None
+        except ValueError:  # imported, but without a spec (a stand-in module)
+            return self.requires in sys.modules
+
+    def missing(self):
+        """Why this backend cannot run here, or None when it can."""
+        if not self.installed():
+            return f"install it with `{self.install}`"
+        return None
+
+
+class _GpuBackend(_Backend):
+    _device_seen = False  # a device, once seen, does not go away; don't ask CUDA on every call
+
+    def missing(self):
+        if not self.installed():
+            return super().missing()
+        if not _GpuBackend._device_seen:
+            import cupy
+
+            try:
+                count = cupy.cuda.runtime.getDeviceCount()
+            except Exception as e:  # CuPy raises CUDARuntimeError without a driver, nothing narrower
+                return f"CuPy sees no CUDA device ({type(e).__name__}: {e})"
+            if count == 0:
+                return "CuPy sees no CUDA device"
+            _GpuBackend._device_seen = True
+        return None
 
 
 _BACKENDS = {
+    "cupy": _GpuBackend("accelbn.backends.cupy_gpu", CUPY, "cupy", "pip install cupy-cuda13x[ctk]"),
     "numba": _Backend("accelbn.backends.numba_cpu", NUMPY, "numba", "pip install numba"),
     "numpy": _Backend("accelbn.backends.numpy_reference", NUMPY, None, None),
 }
 # The backend used for each array library when ``backend=None``.
-_DEFAULTS = {NUMPY: "numba"}
+_DEFAULTS = {NUMPY: "numba", CUPY: "cupy"}
 
 
 def available_backends():
-    """Names of the backends that can run here, fastest first, e.g. ``["numba", "numpy"]``."""
-    return [name for name, b in _BACKENDS.items() if b.installed()]
+    """Names of the backends that can run here, fastest first, e.g. ``["numba", "numpy"]``, with
+    "cupy" first when CuPy is installed and sees a GPU. Imports CuPy when it is installed."""
+    return [name for name, b in _BACKENDS.items() if b.missing() is None]
 
 
 def kernels_for(backend, library):
     """The kernel module for ``backend`` (or the default for ``library``), checked to fit ``library``."""
     if backend is None:
-        if library not in _DEFAULTS:
-            raise TypeError(
-                f"x is a {library} array, but no accelbn backend in this version runs on {library} "
-                f"arrays; backends: {sorted(_BACKENDS)}"
-            )
         backend = _DEFAULTS[library]
     entry = _BACKENDS.get(backend)
     if entry is None:
         raise ValueError(f"backend must be one of {sorted(_BACKENDS)} or None, got {backend!r}")
     if entry.library != library:
         raise TypeError(f"backend {backend!r} runs on {entry.library} arrays, but x is a {library} array")
-    if not entry.installed():
-        raise ValueError(f"backend {backend!r} is not available: install it with `{entry.install}`")
+    missing = entry.missing()
+    if missing is not None:
+        raise ValueError(f"backend {backend!r} is not available: {missing}")
     return importlib.import_module(entry.module)

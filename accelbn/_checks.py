@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from accelbn._arrays import library_of
+from accelbn._arrays import CUPY, address_view, library_of
 
 _FLOAT_ITEMSIZES = (2, 4, 8)
 
@@ -18,13 +18,31 @@ def array_library(a, name):
     return library
 
 
+def is_float_dtype(dtype):
+    """float16/32/64, or bfloat16 (``ml_dtypes.bfloat16``, which NumPy sees as a void type)."""
+    return (dtype.kind == "f" and dtype.itemsize in _FLOAT_ITEMSIZES) or dtype.name == "bfloat16"
+
+
 def float_array(a, name, library):
-    """Check that ``a`` is a float16/32/64 array of ``library``."""
+    """Check that ``a`` is a float16/bfloat16/float32/float64 array of ``library``."""
     other = array_library(a, name)
     if other != library:
         raise TypeError(f"{name} is a {other} array but x is a {library} array; pass arrays of one library")
-    if a.dtype.kind != "f" or a.dtype.itemsize not in _FLOAT_ITEMSIZES:
-        raise TypeError(f"{name} must have dtype float16, float32 or float64, got {a.dtype}")
+    if not is_float_dtype(a.dtype):
+        raise TypeError(f"{name} must have dtype float16, bfloat16, float32 or float64, got {a.dtype}")
+
+
+def same_device(x, named_arrays):
+    """CuPy arrays of one call must live on x's device (kernels run there)."""
+    if library_of(x) != CUPY:
+        return
+    for name, a in named_arrays:
+        if a is not None and a.device.id != x.device.id:
+            raise ValueError(f"{name} is on GPU {a.device.id} but x is on GPU {x.device.id}; move it to x's device")
+
+
+def _writeable(a):
+    return getattr(a.flags, "writeable", True)  # CuPy arrays are always writable
 
 
 def channel_axis(x, axis):
@@ -45,7 +63,7 @@ def channel_vector(v, name, channels, library, writable=False):
     float_array(v, name, library)
     if v.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) to match the channels of x, got {v.shape}")
-    if writable and not v.flags.writeable:
+    if writable and not _writeable(v):
         raise ValueError(f"{name} is read-only, but it is updated in place when training")
 
 
@@ -62,18 +80,19 @@ def output_array(out, library, x, inputs):
         return
     float_array(out, "out", library)
     same_shape_and_dtype(out, "out", x)
-    if not out.flags.writeable:
+    if not _writeable(out):
         raise ValueError("out is read-only")
     if any(stride == 0 and n > 1 for stride, n in zip(out.strides, out.shape)):
         raise ValueError("out has elements that share memory (a zero stride); pass an array with distinct elements")
     for name, a in inputs:
-        if not _same_elements(out, a) and np.shares_memory(out, a):
+        if not _same_elements(out, a) and _shares_memory(out, a):
             raise ValueError(
                 f"out overlaps {name} without being {name} itself; pass {name} (in place) or a separate array"
             )
 
 
 def _same_elements(a, b):
+    a, b = address_view(a), address_view(b)
     return (
         a.shape == b.shape
         and a.strides == b.strides
@@ -81,9 +100,14 @@ def _same_elements(a, b):
     )
 
 
+def _shares_memory(a, b):
+    """Exact overlap from addresses and strides alone: no device work, no synchronization."""
+    return np.shares_memory(address_view(a), address_view(b))
+
+
 def distinct_buffers(a, a_name, b, b_name):
     """Two arrays that are both written must not share memory."""
-    if a is not None and b is not None and np.shares_memory(a, b):
+    if a is not None and b is not None and _shares_memory(a, b):
         raise ValueError(f"{a_name} and {b_name} share memory; pass separate arrays")
 
 

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from accelbn import _checks, _layout
+from accelbn._arrays import device_of, namespace
 from accelbn._backends import kernels_for
 from accelbn._formulas import inverse_std
 
@@ -29,13 +30,15 @@ def stats_dtype(x_dtype):
     return np.dtype(np.float64) if x_dtype == np.float64 else np.dtype(np.float32)
 
 
-def _kernel_dtype(x_dtype):
-    """The dtype kernels read and write: float16 works through float32, any byte order as native."""
-    return np.dtype(np.float32) if x_dtype.itemsize == 2 else np.dtype(x_dtype.type)
+def _kernel_dtype(x_dtype, kernels):
+    """The dtype kernels read and write: x's own when the backend stores it (in native byte order),
+    else float32 (float16 and bfloat16 on the CPU)."""
+    native = np.dtype(x_dtype.type)
+    return native if native in kernels.STORAGE_DTYPES else np.dtype(np.float32)
 
 
-def _float64_or(v, channels, fill):
-    return np.full(channels, fill, dtype=np.float64) if v is None else v.astype(np.float64)
+def _float64_or(xp, v, channels, fill):
+    return xp.full(channels, fill, dtype=np.float64) if v is None else v.astype(np.float64)
 
 
 def _blend(running, batch, momentum):
@@ -93,34 +96,35 @@ def batch_norm(
     if training and count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
     _checks.output_array(out, library, x, [("x", x)])
+    _checks.same_device(x, [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var), ("out", out)])
 
-    dtype = _kernel_dtype(x.dtype)
-    order = _layout.channel_order(x, axis)
-    y = _layout.Output(out, x.shape, *order, dtype)
-    weight64 = _float64_or(weight, channels, 1.0)
-    bias64 = _float64_or(bias, channels, 0.0)
-    if training and x.size == 0:  # PyTorch returns an empty y and leaves running stats alone
-        mean = var = np.full(channels, np.nan)
-        invstd = inverse_std(var, eps)
-    elif training:
-        mean, var = kernels.forward_train(_layout.input3(x, *order, dtype), weight64, bias64, eps, y.view)
-        invstd = inverse_std(var, eps)
-        if running_mean is not None:
-            new_mean = _blend(running_mean, mean, momentum)
-            new_var = _blend(running_var, var * (count / (count - 1)), momentum)
-            np.copyto(running_mean, new_mean, casting="same_kind")
-            np.copyto(running_var, new_var, casting="same_kind")
-    else:
-        mean = running_mean.astype(np.float64)
-        invstd = inverse_std(running_var.astype(np.float64), eps)
-        if x.size:
-            kernels.normalize(_layout.input3(x, *order, dtype), mean, weight64 * invstd, bias64, y.view)
+    with device_of(x):
+        xp = namespace(library)
+        dtype = _kernel_dtype(x.dtype, kernels)
+        order = _layout.channel_order(x, axis)
+        y = _layout.Output(x, out, *order, dtype)
+        weight64 = _float64_or(xp, weight, channels, 1.0)
+        bias64 = _float64_or(xp, bias, channels, 0.0)
+        if training and x.size == 0:  # PyTorch returns an empty y and leaves running stats alone
+            mean = var = xp.full(channels, np.nan)
+        elif training:
+            mean, var = kernels.forward_train(_layout.input3(x, *order, dtype), weight64, bias64, eps, y.view)
+            if running_mean is not None:
+                new_mean = _blend(running_mean, mean, momentum)
+                new_var = _blend(running_var, var * (count / (count - 1)), momentum)
+                xp.copyto(running_mean, new_mean, casting="same_kind")
+                xp.copyto(running_var, new_var, casting="same_kind")
+        else:
+            mean = running_mean.astype(np.float64)
+            var = running_var.astype(np.float64)
+            if x.size:
+                kernels.normalize(_layout.input3(x, *order, dtype), mean, weight64 * inverse_std(var, eps), bias64, y.view)
 
-    result = y.result().astype(x.dtype, copy=False)
-    if return_stats:
-        saved = stats_dtype(x.dtype)
-        return result, BatchStats(mean.astype(saved), invstd.astype(saved))
-    return result
+        result = y.result().astype(x.dtype, copy=False)
+        if return_stats:
+            saved = stats_dtype(x.dtype)
+            return result, BatchStats(mean.astype(saved), inverse_std(var, eps).astype(saved))
+        return result
 
 
 def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out=None, backend=None):
@@ -148,25 +152,28 @@ def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out
     _checks.channel_vector(weight, "weight", channels, library)
     training = _checks.boolean(training, "training")
     _checks.output_array(out, library, x, [("dy", dy), ("x", x)])
+    _checks.same_device(x, [("dy", dy), ("stats.mean", stats.mean), ("stats.invstd", stats.invstd), ("weight", weight), ("out", out)])
 
-    dtype = _kernel_dtype(x.dtype)
-    order = _layout.channel_order(x, axis)
-    dx = _layout.Output(out, x.shape, *order, dtype)
-    mean = stats.mean.astype(np.float64)
-    invstd = stats.invstd.astype(np.float64)
-    if x.size:
-        sum_dy, sum_dy_xmu = kernels.backward(
-            _layout.input3(dy, *order, dtype),
-            _layout.input3(x, *order, dtype),
-            mean,
-            invstd,
-            _float64_or(weight, channels, 1.0),
-            training,
-            dx.view,
-        )
-    else:
-        sum_dy = sum_dy_xmu = np.zeros(channels)
-    grad_dtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
-    dweight = (sum_dy_xmu * invstd).astype(grad_dtype)
-    dbias = sum_dy.astype(grad_dtype)
-    return dx.result().astype(x.dtype, copy=False), dweight, dbias
+    with device_of(x):
+        xp = namespace(library)
+        dtype = _kernel_dtype(x.dtype, kernels)
+        order = _layout.channel_order(x, axis)
+        dx = _layout.Output(x, out, *order, dtype)
+        mean = stats.mean.astype(np.float64)
+        invstd = stats.invstd.astype(np.float64)
+        if x.size:
+            sum_dy, sum_dy_xmu = kernels.backward(
+                _layout.input3(dy, *order, dtype),
+                _layout.input3(x, *order, dtype),
+                mean,
+                invstd,
+                _float64_or(xp, weight, channels, 1.0),
+                training,
+                dx.view,
+            )
+        else:
+            sum_dy = sum_dy_xmu = xp.zeros(channels)
+        grad_dtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
+        dweight = (sum_dy_xmu * invstd).astype(grad_dtype)
+        dbias = sum_dy.astype(grad_dtype)
+        return dx.result().astype(x.dtype, copy=False), dweight, dbias

@@ -42,8 +42,8 @@ class BatchNorm:
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         self.axis = int(axis)
         dtype = np.dtype(dtype)
-        if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
-            raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
+        if not _checks.is_float_dtype(dtype):
+            raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
         self.num_features = int(num_features)
         self.dtype = dtype
         self.weight = np.ones(num_features, dtype) if affine else None

@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from accelbn._arrays import CUPY, library_of, namespace
+
 
 def channel_order(x, axis):
     """The axes of ``x`` as (outer..., axis, inner...), each part in decreasing stride order.
@@ -33,10 +35,27 @@ def _shape3(shape, order, n_outer):
     return (math.prod(sizes[:n_outer]), sizes[n_outer], math.prod(sizes[n_outer + 1 :]))
 
 
+def merged_strides(shape, strides, order, n_outer):
+    """Strides of the canonical view of an array of ``shape``/``strides`` (bytes), or None when
+    its outer or inner axes cannot be merged into one without a copy. Axes of length 1 are free."""
+    merged = []
+    for group in (order[:n_outer], order[n_outer : n_outer + 1], order[n_outer + 1 :]):
+        axes = [a for a in group if shape[a] != 1]
+        for slow, fast in zip(axes, axes[1:]):
+            if strides[slow] != strides[fast] * shape[fast]:
+                return None
+        merged.append(strides[axes[-1]] if axes else 0)
+    return tuple(merged)
+
+
 def view3(a, order, n_outer):
     """The canonical view of ``a`` sharing its memory, or None when strides forbid one."""
+    shape3 = _shape3(a.shape, order, n_outer)
+    if library_of(a) == CUPY:  # CuPy's reshape would copy silently; build the view from strides
+        strides3 = merged_strides(a.shape, a.strides, order, n_outer)
+        return None if strides3 is None else namespace(CUPY).lib.stride_tricks.as_strided(a, shape3, strides3)
     try:
-        return a.transpose(order).reshape(_shape3(a.shape, order, n_outer), copy=False)
+        return a.transpose(order).reshape(shape3, copy=False)
     except ValueError:
         return None
 
@@ -47,7 +66,8 @@ def input3(a, order, n_outer, dtype):
         v = view3(a, order, n_outer)
         if v is not None:
             return v
-    return np.ascontiguousarray(a.transpose(order), dtype=dtype).reshape(_shape3(a.shape, order, n_outer))
+    xp = namespace(library_of(a))
+    return xp.ascontiguousarray(a.transpose(order), dtype=dtype).reshape(_shape3(a.shape, order, n_outer))
 
 
 class Output:
@@ -57,14 +77,16 @@ class Output:
     copying the scratch array into ``out`` first when one was needed.
     """
 
-    def __init__(self, out, shape, order, n_outer, dtype):
+    def __init__(self, x, out, order, n_outer, dtype):
+        shape = x.shape
+        self._xp = namespace(library_of(x))
         self._out = out
         self._scratch = None
         self.view = None
         if out is not None and out.dtype == dtype:
             self.view = view3(out, order, n_outer)
         if self.view is None:
-            self.view = np.empty(_shape3(shape, order, n_outer), dtype=dtype)
+            self.view = self._xp.empty(_shape3(shape, order, n_outer), dtype=dtype)
             permuted = self.view.reshape([shape[a] for a in order])
             self._scratch = permuted.transpose(np.argsort(order))
 
@@ -72,5 +94,5 @@ class Output:
         if self._out is None:
             return self._scratch
         if self._scratch is not None:
-            np.copyto(self._out, self._scratch, casting="same_kind")
+            self._xp.copyto(self._out, self._scratch, casting="same_kind")
         return self._out

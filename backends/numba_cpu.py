@@ -40,6 +40,10 @@ from numba.extending import overload
 from accelbn._formulas import backward_coefficients, inverse_std
 from accelbn.backends._lines import LINE_BYTES, line_kernel, store_fence
 
+# The dtypes the kernels read and write directly (Numba has no float16 on the CPU); the front
+# converts anything else to float32.
+STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
 # On-disk cache: compiling the kernels costs seconds per dtype, loading them tens of milliseconds.
 _OPTIONS = dict(error_model="numpy", cache=True, nogil=True)
 _REDUCTION = dict(_OPTIONS, fastmath={"reassoc"})

@@ -9,6 +9,9 @@ import numpy as np
 
 from accelbn._formulas import backward_coefficients, inverse_std
 
+# The dtypes the kernels read and write directly; the front converts anything else to float32.
+STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
 _CHANNEL_SUM_AXES = (0, 2)
 
 

@@ -72,3 +72,10 @@ def reference_backward(dy, x, stats, weight, training, axis=1):
 
 def random_array(shape, dtype=np.float32, seed=0, loc=0.0, scale=1.0):
     return (np.random.default_rng(seed).standard_normal(shape) * scale + loc).astype(dtype)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    from test_gpu_compile import registers_report
+
+    for line in registers_report(config):
+        terminalreporter.write_line(line)

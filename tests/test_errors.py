@@ -49,7 +49,7 @@ FORWARD_CASES = {
     "long bias": ({"bias": np.ones(C + 1, np.float32)}, ValueError, "bias must have shape (3,)"),
     "2-d running_mean": ({"running_mean": np.zeros((1, C), np.float32)}, ValueError, "running_mean must have shape"),
     "short running_var": ({"running_var": np.ones(2, np.float32)}, ValueError, "running_var must have shape"),
-    "int x": ({"x": np.ones((4, C), np.int32)}, TypeError, "x must have dtype float16, float32 or float64"),
+    "int x": ({"x": np.ones((4, C), np.int32)}, TypeError, "x must have dtype float16, bfloat16, float32 or float64"),
     "bool x": ({"x": np.ones((4, C), bool)}, TypeError, "x must have dtype"),
     "complex x": ({"x": np.ones((4, C), np.complex64)}, TypeError, "x must have dtype"),
     "int weight": ({"weight": np.ones(C, np.int64)}, TypeError, "weight must have dtype"),
@@ -86,7 +86,7 @@ FORWARD_CASES = {
     "nan momentum": ({"momentum": float("nan")}, ValueError, "momentum must be a finite number"),
     "string momentum": ({"momentum": "0.1"}, TypeError, "momentum must be a real number"),
     "training not bool": ({"training": "yes"}, TypeError, "training must be a bool"),
-    "unknown backend": ({"backend": "cuda"}, ValueError, "backend must be one of ['numba', 'numpy'] or None, got 'cuda'"),
+    "unknown backend": ({"backend": "cuda"}, ValueError, "backend must be one of ['cupy', 'numba', 'numpy'] or None, got 'cuda'"),
     "out wrong shape": ({"out": np.empty((4, C, 6), np.float32)}, ValueError, "out must have the shape of x"),
     "out wrong dtype": ({"out": np.empty((4, C, 5), np.float64)}, TypeError, "out must have the dtype of x"),
     "out read-only": ({"out": _read_only(np.empty((4, C, 5), np.float32))}, ValueError, "out is read-only"),
@@ -129,9 +129,20 @@ def test_backend_for_another_array_library():
     x = np.ones((4, C), np.float32)
     with pytest.raises(TypeError, match="backend 'numba' runs on numpy arrays, but x is a cupy array"):
         abn._backends.kernels_for("numba", "cupy")
-    with pytest.raises(TypeError, match="no accelbn backend in this version runs on cupy arrays"):
-        abn._backends.kernels_for(None, "cupy")
     assert abn.batch_norm(x, None, None, training=True, backend="numpy").shape == x.shape
+
+
+def test_cupy_without_a_device_says_so(monkeypatch):
+    import cupy
+
+    def no_driver():
+        raise cupy.cuda.runtime.CUDARuntimeError(35)  # cudaErrorInsufficientDriver
+
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", no_driver)
+    monkeypatch.setattr(abn._backends._GpuBackend, "_device_seen", False)
+    with pytest.raises(ValueError, match=r"backend 'cupy' is not available: CuPy sees no CUDA device \(CUDARuntimeError"):
+        abn._backends.kernels_for(None, "cupy")
+    assert "cupy" not in abn.available_backends()
 
 
 def test_missing_backend_says_how_to_install(monkeypatch):

@@ -25,7 +25,8 @@ def test_numpy_call_imports_no_cupy_and_no_torch():
 
 
 def test_cupy_array_gets_a_clear_error_without_a_gpu():
-    # A stand-in "cupy" module: dispatch must recognise its arrays through sys.modules alone.
+    # A stand-in "cupy" module without CUDA: dispatch recognises its arrays through sys.modules alone
+    # and says that no device is there.
     out = _run(
         """
         import sys, types
@@ -37,7 +38,7 @@ def test_cupy_array_gets_a_clear_error_without_a_gpu():
         import numpy as np, accelbn
         try:
             accelbn.batch_norm(ndarray(), None, None, training=True)
-        except TypeError as e:
+        except ValueError as e:
             print(e)
         try:
             accelbn.batch_norm(np.ones((4, 3), np.float32), None, None, ndarray(), training=True)
@@ -46,5 +47,22 @@ def test_cupy_array_gets_a_clear_error_without_a_gpu():
         """
     )
     first, second = out.strip().splitlines()
-    assert first.startswith("x is a cupy array, but no accelbn backend in this version runs on cupy arrays")
+    assert first.startswith("backend 'cupy' is not available: CuPy sees no CUDA device (AttributeError")
     assert second == "weight is a cupy array but x is a numpy array; pass arrays of one library"
+
+
+def test_available_backends_omit_cupy_without_a_device():
+    # CuPy is installed with the test extra; on a machine without a GPU it must not be offered.
+    out = _run(
+        """
+        import cupy, accelbn
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception:
+            count = 0
+        print(count, accelbn.available_backends())
+        """
+    )
+    count, backends = out.split(maxsplit=1)
+    assert ("cupy" in backends) == (int(count) > 0)
+    assert "'numba', 'numpy'" in backends
