@@ -5,13 +5,16 @@ import numbers
 import numpy as np
 
 from accelbn import _checks
+from accelbn._arrays import CUPY, NUMPY, library_of, namespace
 from accelbn._functional import batch_norm, batch_norm_backward
+
+_LIBRARIES = (NUMPY, CUPY)
 
 
 class BatchNorm:
     """Batch normalization over channel axis ``axis`` of N-d NumPy arrays, like ``torch.nn.BatchNorm2d``.
 
-    Parameters and buffers are NumPy arrays of ``dtype``: ``weight`` (ones) and ``bias`` (zeros)
+    Parameters and buffers are NumPy arrays of ``dtype`` (CuPy arrays after ``layer.to("cupy")``): ``weight`` (ones) and ``bias`` (zeros)
     when ``affine``; ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``
     (a 0-d int64 array) when ``track_running_stats``. ``momentum=None`` averages the running
     statistics cumulatively, with factor 1 / num_batches_tracked.
@@ -64,6 +67,29 @@ class BatchNorm:
             f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name})"
         )
 
+    def _arrays(self):
+        return [n for n in ("weight", "bias", "running_mean", "running_var") if getattr(self, n) is not None]
+
+    @property
+    def library(self):
+        """"numpy" or "cupy": where the parameters and running statistics live."""
+        return library_of(self.running_mean if self.weight is None else self.weight) or NUMPY
+
+    def to(self, library):
+        """Move the parameters and running statistics to ``"numpy"`` or ``"cupy"`` arrays (CuPy's
+        current device), like ``module.cuda()``/``module.cpu()``; returns the layer.
+        ``num_batches_tracked`` stays a host counter, so a training step never waits for the GPU."""
+        if library not in _LIBRARIES:
+            raise ValueError(f"library must be one of {list(_LIBRARIES)}, got {library!r}")
+        for name in self._arrays():
+            value = getattr(self, name)
+            if library_of(value) == library:
+                continue
+            setattr(self, name, namespace(CUPY).asarray(value) if library == CUPY else value.get())
+        self.grad_weight = self.grad_bias = None
+        self._saved = None
+        return self
+
     def train(self, mode=True):
         self.training = _checks.boolean(mode, "mode")
         return self
@@ -76,7 +102,12 @@ class BatchNorm:
 
     def forward(self, x):
         """Normalize x; in training, update the running statistics when they are tracked."""
-        _checks.array_library(x, "x")
+        library = _checks.array_library(x, "x")
+        if self._arrays() and library != self.library:
+            raise TypeError(
+                f"x is a {library} array but this layer's parameters are {self.library} arrays; "
+                f"call layer.to({library!r}) first"
+            )
         channels = x.shape[_checks.channel_axis(x, self.axis)]
         if channels != self.num_features:
             raise ValueError(f"x has {channels} channels on axis {self.axis}, but this layer has {self.num_features}")
@@ -141,13 +172,18 @@ class BatchNorm:
             if name not in state_dict:
                 continue
             value = state_dict[name]
+            if library_of(value) == CUPY:
+                value = value.get()
             value = np.asarray(value.detach() if hasattr(value, "detach") else value)  # torch parameters too
             target = getattr(self, name)
             if value.shape != target.shape:
                 raise ValueError(f"state_dict[{name!r}] must have shape {target.shape}, got {value.shape}")
-            kinds, kind_name = ("iu", "integer") if name == "num_batches_tracked" else ("f", "float")
-            if value.dtype.kind not in kinds:
+            counter = name == "num_batches_tracked"
+            kind_name = "integer" if counter else "float"
+            if not (value.dtype.kind in "iu" if counter else _checks.is_float_dtype(value.dtype)):
                 raise TypeError(f"state_dict[{name!r}] must be a {kind_name} array, got dtype {value.dtype}")
             staged[name] = value
         for name, value in staged.items():
-            np.copyto(getattr(self, name), value, casting="unsafe")
+            target = getattr(self, name)
+            xp = namespace(library_of(target))
+            xp.copyto(target, xp.asarray(value), casting="unsafe")

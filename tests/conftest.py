@@ -1,10 +1,12 @@
 """Shared fixtures: the backend table every conformance test runs through, and the float64 oracle."""
 
+import ctypes
 import hashlib
 import os
 import pathlib
 import tempfile
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -23,12 +25,55 @@ settings.register_profile("default", max_examples=40, deadline=None, print_blob=
 settings.load_profile("default")
 
 # Every backend that can run here goes through the same tests; the NumPy reference is the oracle.
+# `any_backend` includes the GPU, whose cases carry the "gpu" mark (`pytest -m gpu` runs just those);
+# its tests move arrays with `on`. `backend` is the CPU backends, for tests written on NumPy arrays.
 BACKENDS = abn.available_backends()
+CPU_BACKENDS = [b for b in BACKENDS if b != "cupy"]
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=[pytest.param(b, marks=pytest.mark.gpu) if b == "cupy" else b for b in BACKENDS])
+def any_backend(request):
+    return request.param
+
+
+@pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
     return request.param
+
+
+def _to_device(a):
+    """A CuPy array with ``a``'s shape, dtype, strides and offset: a view into a device copy of the
+    whole host buffer ``a`` spans, so strided and negative-stride layouts reach the kernels as they are."""
+    import cupy
+
+    if a.size == 0:
+        return cupy.empty(a.shape, a.dtype)
+    low, high = np.lib.array_utils.byte_bounds(a)
+    span = cupy.asarray(np.frombuffer((ctypes.c_char * (high - low)).from_address(low), np.uint8))
+    start = a.__array_interface__["data"][0] - low
+    return cupy.ndarray(a.shape, a.dtype, memptr=span.data + start, strides=a.strides)
+
+
+class ArraysOn:
+    """Test arrays on the backend's array library: ``put`` moves NumPy inputs there (layout kept),
+    ``get`` brings results back to NumPy. Both are the identity for the CPU backends."""
+
+    def __init__(self, backend):
+        self.gpu = backend == "cupy"
+
+    def put(self, a):
+        return _to_device(a) if self.gpu and a is not None else a
+
+    def puts(self, params):
+        return {k: self.put(v) for k, v in params.items()}
+
+    def get(self, a):
+        return a.get() if self.gpu and a is not None else a
+
+
+@pytest.fixture
+def on(any_backend):
+    return ArraysOn(any_backend)
 
 
 def rel_error(actual, expected):
@@ -39,8 +84,9 @@ def rel_error(actual, expected):
     return np.linalg.norm((actual - expected).ravel()) / (scale if scale else 1.0)
 
 
-# float32 within 2e-5 (norm-wise) of a float64 reference; float64 within 1e-10; float16 at its precision.
-TOLERANCE = {np.float16: 2e-3, np.float32: 2e-5, np.float64: 1e-10}
+# float32 within 2e-5 (norm-wise) of a float64 reference; float64 within 1e-10; float16 and bfloat16
+# at their precision (unit roundoff 2**-11 and 2**-8).
+TOLERANCE = {np.float16: 2e-3, ml_dtypes.bfloat16: 1e-2, np.float32: 2e-5, np.float64: 1e-10}
 
 
 def tolerance(dtype):

@@ -117,3 +117,11 @@ def test_state_dict_returns_copies():
     layer = abn.BatchNorm(3)
     layer.state_dict()["weight"][:] = 5
     np.testing.assert_array_equal(layer.weight, 1)
+
+
+def test_to_rejects_an_unknown_library_and_keeps_numpy_arrays():
+    layer = abn.BatchNorm(3)
+    weight = layer.weight
+    with pytest.raises(ValueError, match=r"library must be one of \['numpy', 'cupy'\], got 'gpu'"):
+        layer.to("gpu")
+    assert layer.to("numpy") is layer and layer.weight is weight and layer.library == "numpy"
