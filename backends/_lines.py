@@ -1,4 +1,5 @@
-"""Whole-cache-line element kernels for Numba, with optional streaming stores.
+"""Whole-cache-line element kernels for Numba, with optional streaming stores, and
+:func:`unit_stride`, which gives a reduction the same compiled loop whatever array it reads.
 
 :func:`line_kernel` turns an element formula such as ``((x - m_hi) - m_lo) * s + b`` into a Numba
 intrinsic that computes one cache line of the output with SIMD instructions, from arrays at the
@@ -18,7 +19,9 @@ ordered: a task calls :func:`store_fence` before other threads may read what it 
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
+from numba.np.arrayobj import populate_array
 
 # Bytes in a cache line, the unit of a streaming store; streamed destinations are aligned to it.
 LINE_BYTES = 64
@@ -110,3 +113,33 @@ def store_fence(typingctx):
         return context.get_dummy_value()
 
     return types.void(), codegen
+
+
+@intrinsic
+def unit_stride(typingctx, a):
+    """A 1-d array whose elements are adjacent, typed as C-contiguous (the caller vouches for it).
+
+    Numba compiles a function once per argument layout, and LLVM vectorizes a reassociating sum
+    differently when the stride is known: a row of a C-contiguous array and the same row of a view
+    would sum in different orders. Reductions read their rows through this, so one compiled loop
+    (and one order) serves every layout.
+    """
+    if not (isinstance(a, types.Array) and a.ndim == 1):
+        return None
+    result = a.copy(layout="C")
+
+    def codegen(context, builder, signature, args):
+        source = context.make_array(a)(context, builder, args[0])
+        view = context.make_array(result)(context, builder)
+        populate_array(
+            view,
+            data=source.data,
+            shape=cgutils.unpack_tuple(builder, source.shape),
+            strides=[source.itemsize],
+            itemsize=source.itemsize,
+            meminfo=source.meminfo,
+            parent=source.parent,
+        )
+        return impl_ret_borrowed(context, builder, result, view._getvalue())
+
+    return result(a), codegen

@@ -11,6 +11,8 @@ Two loop families, picked by ``inner``:
   normalize pass over the same slice while it is still in cache, so a train forward reads x from
   memory once. Otherwise (few channels, e.g. C=3 images, or slices too large to keep) chunk
   statistics, the normalize pass and the gradient pass each run in parallel over all chunks.
+  Short rows (fewer than ``SHORT_ROW`` elements, e.g. 7x7) go the same two ways in blocks of
+  consecutive channels instead of single channels, so that element passes write long runs.
 * channels-last (``inner == 1``: NHWC and (N, C)): the flat array in fixed blocks of rows, each
   producing per-channel partials that are merged in block order.
 
@@ -38,7 +40,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from accelbn._formulas import backward_coefficients, inverse_std
-from accelbn.backends._lines import LINE_BYTES, line_kernel, store_fence
+from accelbn.backends._lines import LINE_BYTES, line_kernel, store_fence, unit_stride
 
 # The dtypes the kernels read and write directly (Numba has no float16 on the CPU); the front
 # converts anything else to float32.
@@ -56,6 +58,10 @@ ROW_BLOCK = 65536
 ROW_SEGMENT = 65536
 # A channel slice this small stays in L2 between the statistics and the normalize pass.
 CACHED_SLICE_BYTES = 1 << 20
+# Channels-first rows shorter than this (elements) are processed in blocks of channels whose runs in
+# an outer row have at least BLOCK_RUN elements; must not exceed STATS_CHUNK.
+SHORT_ROW = 1024
+BLOCK_RUN = 1024
 # Outputs at least this large are streamed: they would not stay in cache for a next reader anyway.
 STREAM_MIN_BYTES = 8 << 20
 
@@ -231,21 +237,26 @@ def _line_span(y, f0, f1, stream):
 
 
 # Each writer sets out[f0:f1] of unit-stride arrays: a line at a time where it can, element by element
-# at the ends. ``params`` are per-channel scalars (channels == 1) or tables of ``channels + W``
-# entries, where element f belongs to channel f % channels.
+# at the ends. ``params`` are per-channel scalars (period 1) or tables, where element f reads entry
+# f % period and a line starting at f reads the ``W`` entries from there (so a table has period + W
+# entries, or period entries when f0 = 0 and f1 <= period). The entry is carried from element to
+# element and from line to line: no division per element.
 
 
 @njit(**_OPTIONS)
-def _affine_elements(x, f0, f1, params, channels, y):
+def _affine_elements(x, f0, f1, params, period, y):
+    c = f0 % period
     for f in range(f0, f1):
-        c = f % channels
         y[f] = _affine_element(x[f], _at(params[0], c), _at(params[1], c), _at(params[2], c), _at(params[3], c))
+        c += 1
+        if c == period:
+            c = 0
 
 
 @njit(**_OPTIONS)
-def _gradient_elements(dy, x, f0, f1, params, channels, dx):
+def _gradient_elements(dy, x, f0, f1, params, period, dx):
+    c = f0 % period
     for f in range(f0, f1):
-        c = f % channels
         dx[f] = _gradient_element(
             np.float64(dy[f]),
             np.float64(x[f]),
@@ -255,30 +266,45 @@ def _gradient_elements(dy, x, f0, f1, params, channels, dx):
             _at(params[3], c),
             _at(params[4], c),
         )
+        c += 1
+        if c == period:
+            c = 0
 
 
 @njit(**_OPTIONS)
-def _write_affine(x, f0, f1, params, channels, y, stream):
+def _write_affine(x, f0, f1, params, period, y, stream):
     a, e = _line_span(y, f0, f1, stream)
-    _affine_elements(x, f0, a, params, channels, y)
-    for f in range(a, e, LINE_BYTES // y.itemsize):
+    _affine_elements(x, f0, a, params, period, y)
+    line = LINE_BYTES // y.itemsize
+    step = line % period
+    c = a % period
+    for f in range(a, e, line):
         if stream:
-            _affine_line_streamed(y, f, (x,), params, f % channels)
+            _affine_line_streamed(y, f, (x,), params, c)
         else:
-            _affine_line(y, f, (x,), params, f % channels)
-    _affine_elements(x, e, f1, params, channels, y)
+            _affine_line(y, f, (x,), params, c)
+        c += step
+        if c >= period:
+            c -= period
+    _affine_elements(x, e, f1, params, period, y)
 
 
 @njit(**_OPTIONS)
-def _write_gradient(dy, x, f0, f1, params, channels, dx, stream):
+def _write_gradient(dy, x, f0, f1, params, period, dx, stream):
     a, e = _line_span(dx, f0, f1, stream)
-    _gradient_elements(dy, x, f0, a, params, channels, dx)
-    for f in range(a, e, LINE_BYTES // dx.itemsize):
+    _gradient_elements(dy, x, f0, a, params, period, dx)
+    line = LINE_BYTES // dx.itemsize
+    step = line % period
+    c = a % period
+    for f in range(a, e, line):
         if stream:
-            _gradient_line_streamed(dx, f, (dy, x), params, f % channels)
+            _gradient_line_streamed(dx, f, (dy, x), params, c)
         else:
-            _gradient_line(dx, f, (dy, x), params, f % channels)
-    _gradient_elements(dy, x, e, f1, params, channels, dx)
+            _gradient_line(dx, f, (dy, x), params, c)
+        c += step
+        if c >= period:
+            c -= period
+    _gradient_elements(dy, x, e, f1, params, period, dx)
 
 
 # --- channels-first: (outer, C, inner) ------------------------------------------------------------
@@ -309,12 +335,12 @@ def _chunk_moments(x, c, k, rows, segments):
     shift = np.float64(x[r0, c, i0])
     s = 0.0
     for r in range(r0, r1):
-        s += _sum_shifted(x[r, c, i0:i1], shift)
+        s += _sum_shifted(unit_stride(x[r, c, i0:i1]), shift)
     n = np.float64((r1 - r0) * (i1 - i0))
     mean = shift + s / n
     q = 0.0
     for r in range(r0, r1):
-        q += _sum_squared_deviations(x[r, c, i0:i1], mean)
+        q += _sum_squared_deviations(unit_stride(x[r, c, i0:i1]), mean)
     return n, mean, q
 
 
@@ -323,7 +349,7 @@ def _chunk_gradient_sums(dy, x, c, mean, k, rows, segments):
     r0, r1, i0, i1 = _chunk_bounds(x, k, rows, segments)
     a, b = 0.0, 0.0
     for r in range(r0, r1):
-        ra, rb = _gradient_sums(dy[r, c, i0:i1], x[r, c, i0:i1], mean)
+        ra, rb = _gradient_sums(unit_stride(dy[r, c, i0:i1]), unit_stride(x[r, c, i0:i1]), mean)
         a += ra
         b += rb
     return a, b
@@ -444,6 +470,225 @@ def _gradient_channels_first(dy, x, params, dx, tasks, stream):
             store_fence()
 
 
+# --- channels-first with short rows: (outer, C * inner) in blocks of channels -----------------------
+# With rows of a few dozen elements (7x7 images), per-row work dominates: every row has its own
+# unaligned ends, done element by element, and a channel's rows lie one per page. So short rows go
+# in blocks of consecutive channels, whose part of an outer row is one contiguous run: the element
+# passes write a run at a time, reading each element's parameters from tables that spread the
+# block's per-channel values over the run. A block only groups work: each channel's sums still run
+# row by row and chunk by chunk as in the per-channel kernels above, so every path gives the same
+# bits, and the block size may depend on the thread count.
+
+
+@njit(**_OPTIONS)
+def _spread(values, inner):
+    """The table of a block's run: ``inner`` copies of each per-channel value, in channel order."""
+    table = np.empty(values.shape[0] * inner, values.dtype)
+    for c in range(values.shape[0]):
+        table[c * inner : (c + 1) * inner] = values[c]
+    return table
+
+
+@njit(**_OPTIONS)
+def _block_moments(x, inner, c0, c1, r0, r1, mean, m2):
+    """Moments of rows [r0, r1) of channels [c0, c1) into mean and m2 (indexed from c0); returns the
+    count. The same operations in the same order as :func:`_chunk_moments` for each channel."""
+    mean[:] = 0.0
+    for r in range(r0, r1):
+        for c in range(c0, c1):
+            j = c * inner
+            mean[c - c0] += _sum_shifted(unit_stride(x[r, j : j + inner]), np.float64(x[r0, j]))
+    n = np.float64((r1 - r0) * inner)
+    for c in range(c0, c1):
+        mean[c - c0] = np.float64(x[r0, c * inner]) + mean[c - c0] / n
+    m2[:] = 0.0
+    for r in range(r0, r1):
+        for c in range(c0, c1):
+            j = c * inner
+            m2[c - c0] += _sum_squared_deviations(unit_stride(x[r, j : j + inner]), mean[c - c0])
+    return n
+
+
+@njit(**_OPTIONS)
+def _block_gradient_sums(dy, x, inner, c0, c1, r0, r1, mean, sum_dy, sum_dy_xmu):
+    """:func:`_chunk_gradient_sums` of rows [r0, r1) for channels [c0, c1), indexed from c0."""
+    sum_dy[:] = 0.0
+    sum_dy_xmu[:] = 0.0
+    for r in range(r0, r1):
+        for c in range(c0, c1):
+            j = c * inner
+            a, b = _gradient_sums(unit_stride(dy[r, j : j + inner]), unit_stride(x[r, j : j + inner]), mean[c])
+            sum_dy[c - c0] += a
+            sum_dy_xmu[c - c0] += b
+
+
+@njit(parallel=True, **_OPTIONS)
+def _forward_train_by_block(x, inner, block, weight, bias, eps, y, mean, var, stream):
+    """:func:`_forward_train_by_channel` for short rows, one task per block of channels."""
+    outer = x.shape[0]
+    channels = x.shape[1] // inner
+    rows = _chunking(outer, inner)[0]
+    for b in prange((channels + block - 1) // block):
+        c0 = b * block
+        c1 = min(c0 + block, channels)
+        chunk_mean = np.empty(c1 - c0)
+        chunk_m2 = np.empty(c1 - c0)
+        m = np.zeros(c1 - c0)
+        m2 = np.zeros(c1 - c0)
+        n = 0.0
+        for r0 in range(0, outer, rows):
+            n_k = _block_moments(x, inner, c0, c1, r0, min(r0 + rows, outer), chunk_mean, chunk_m2)
+            for c in range(c1 - c0):
+                _, m[c], m2[c] = _chan_merge(n, m[c], m2[c], n_k, chunk_mean[c], chunk_m2[c])
+            n += n_k
+        hi = np.empty(c1 - c0, y.dtype)
+        lo = np.empty(c1 - c0, y.dtype)
+        scale = np.empty(c1 - c0, y.dtype)
+        shift = np.empty(c1 - c0, y.dtype)
+        for c in range(c0, c1):
+            mean[c] = m[c - c0]
+            var[c] = m2[c - c0] / n
+            hi[c - c0], lo[c - c0] = _split(y, mean[c])
+            scale[c - c0] = _as_element(y, weight[c] * _inverse_std(var[c], eps))
+            shift[c - c0] = _as_element(y, bias[c])
+        tables = (_spread(hi, inner), _spread(lo, inner), _spread(scale, inner), _spread(shift, inner))
+        j0 = c0 * inner
+        j1 = c1 * inner
+        for r in range(outer):
+            _write_affine(x[r, j0:j1], 0, j1 - j0, tables, j1 - j0, y[r, j0:j1], stream)
+        if stream:
+            store_fence()
+
+
+@njit(parallel=True, **_OPTIONS)
+def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream):
+    """:func:`_backward_by_channel` for short rows, one task per block of channels."""
+    outer = x.shape[0]
+    channels = x.shape[1] // inner
+    rows = _chunking(outer, inner)[0]
+    for b in prange((channels + block - 1) // block):
+        c0 = b * block
+        c1 = min(c0 + block, channels)
+        chunk_dy = np.empty(c1 - c0)
+        chunk_dy_xmu = np.empty(c1 - c0)
+        total_dy = np.zeros(c1 - c0)
+        total_dy_xmu = np.zeros(c1 - c0)
+        for r0 in range(0, outer, rows):
+            _block_gradient_sums(dy, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, chunk_dy, chunk_dy_xmu)
+            for c in range(c1 - c0):
+                total_dy[c] += chunk_dy[c]
+                total_dy_xmu[c] += chunk_dy_xmu[c]
+        sum_dy[c0:c1] = total_dy
+        sum_dy_xmu[c0:c1] = total_dy_xmu
+        j0 = c0 * inner
+        j1 = c1 * inner
+        if training:
+            mean_dy = np.empty(c1 - c0)
+            k = np.empty(c1 - c0)
+            scale = np.empty(c1 - c0)
+            for c in range(c0, c1):
+                mean_dy[c - c0], k[c - c0], scale[c - c0] = _backward_coefficients(
+                    total_dy[c - c0], total_dy_xmu[c - c0], invstd[c], weight[c], np.float64(outer * inner)
+                )
+            params = (_spread(mean[c0:c1], inner), 0.0, _spread(mean_dy, inner), _spread(k, inner), _spread(scale, inner))
+            for r in range(outer):
+                _write_gradient(dy[r, j0:j1], x[r, j0:j1], 0, j1 - j0, params, j1 - j0, dx[r, j0:j1], stream)
+        else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+            zero = _as_element(dx, 0.0)
+            frozen_scale = np.empty(c1 - c0, dx.dtype)
+            for c in range(c0, c1):
+                frozen_scale[c - c0] = _as_element(dx, weight[c] * invstd[c])
+            frozen = (zero, zero, _spread(frozen_scale, inner), zero)
+            for r in range(outer):
+                _write_affine(dy[r, j0:j1], 0, j1 - j0, frozen, j1 - j0, dx[r, j0:j1], stream)
+        if stream:
+            store_fence()
+
+
+@njit(parallel=True, **_OPTIONS)
+def _block_moments_all(x, inner, block, count, part_mean, part_m2):
+    """:func:`_chunk_moments_all` for short rows: one task per chunk of a block of channels."""
+    outer = x.shape[0]
+    channels = x.shape[1] // inner
+    rows = _chunking(outer, inner)[0]
+    blocks = (channels + block - 1) // block
+    for t in prange(count.shape[0] * blocks):
+        k = t // blocks
+        c0 = (t - k * blocks) * block
+        c1 = min(c0 + block, channels)
+        r0 = k * rows
+        count[k] = _block_moments(x, inner, c0, c1, r0, min(r0 + rows, outer), part_mean[k, c0:c1], part_m2[k, c0:c1])
+
+
+@njit(parallel=True, **_OPTIONS)
+def _block_gradient_sums_all(dy, x, inner, block, mean, part_dy, part_dy_xmu):
+    outer = x.shape[0]
+    channels = x.shape[1] // inner
+    rows = _chunking(outer, inner)[0]
+    blocks = (channels + block - 1) // block
+    for t in prange(part_dy.shape[0] * blocks):
+        k = t // blocks
+        c0 = (t - k * blocks) * block
+        c1 = min(c0 + block, channels)
+        r0 = k * rows
+        _block_gradient_sums(
+            dy, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, part_dy[k, c0:c1], part_dy_xmu[k, c0:c1]
+        )
+
+
+# The parallel element passes for short rows: one task per block of channels and group of rows.
+
+
+@njit(**_OPTIONS)
+def _block_task(x, inner, block, groups, t):
+    """Channels [c0, c1) and rows [r0, r1) of task t."""
+    channels = x.shape[1] // inner
+    b = t // groups
+    g = t - b * groups
+    c0 = b * block
+    return c0, min(c0 + block, channels), g * x.shape[0] // groups, (g + 1) * x.shape[0] // groups
+
+
+@njit(parallel=True, **_OPTIONS)
+def _normalize_blocks(x, inner, block, groups, params, y, stream):
+    """y = affine(x); ``params`` per-channel arrays in y's dtype."""
+    blocks = (x.shape[1] // inner + block - 1) // block
+    for t in prange(blocks * groups):
+        c0, c1, r0, r1 = _block_task(x, inner, block, groups, t)
+        tables = (
+            _spread(params[0][c0:c1], inner),
+            _spread(params[1][c0:c1], inner),
+            _spread(params[2][c0:c1], inner),
+            _spread(params[3][c0:c1], inner),
+        )
+        j0 = c0 * inner
+        j1 = c1 * inner
+        for r in range(r0, r1):
+            _write_affine(x[r, j0:j1], 0, j1 - j0, tables, j1 - j0, y[r, j0:j1], stream)
+        if stream:
+            store_fence()
+
+
+@njit(parallel=True, **_OPTIONS)
+def _gradient_blocks(dy, x, inner, block, groups, params, dx, stream):
+    blocks = (x.shape[1] // inner + block - 1) // block
+    for t in prange(blocks * groups):
+        c0, c1, r0, r1 = _block_task(x, inner, block, groups, t)
+        tables = (
+            _spread(params[0][c0:c1], inner),
+            _spread(params[1][c0:c1], inner),
+            _spread(params[2][c0:c1], inner),
+            _spread(params[3][c0:c1], inner),
+            _spread(params[4][c0:c1], inner),
+        )
+        j0 = c0 * inner
+        j1 = c1 * inner
+        for r in range(r0, r1):
+            _write_gradient(dy[r, j0:j1], x[r, j0:j1], 0, j1 - j0, tables, j1 - j0, dx[r, j0:j1], stream)
+        if stream:
+            store_fence()
+
+
 # --- channels-last: the C-contiguous (rows, C) array in fixed row blocks ---------------------------
 
 
@@ -535,6 +780,26 @@ def _by_channel(x):
     return channels >= 4 * numba.get_num_threads() and outer * inner * x.itemsize <= CACHED_SLICE_BYTES
 
 
+def _short_rows(x):
+    return 1 < x.shape[2] < SHORT_ROW
+
+
+def _channel_block(x, fused):
+    """Channels per block for short rows: runs of at least BLOCK_RUN elements; fused, a block's slice
+    stays in cache and there are blocks enough to balance the threads."""
+    outer, channels, inner = x.shape
+    block = -(-BLOCK_RUN // inner)
+    if fused:
+        block = min(block, CACHED_SLICE_BYTES // (outer * inner * x.itemsize), channels // (4 * numba.get_num_threads()))
+    return max(1, min(block, channels))
+
+
+def _row_groups(x, block):
+    """Row groups per block for the short-row element passes: tasks enough to balance the threads."""
+    blocks = -(-x.shape[1] // block)
+    return max(1, min(x.shape[0], -(-8 * numba.get_num_threads() // blocks)))
+
+
 def _block_rows(channels):
     # At least 64 rows, so that the float64 partials stay small next to x however wide a row is.
     return max(64, ROW_BLOCK // max(channels, 1))
@@ -553,8 +818,17 @@ def _tables(params, channels, out):
 
 
 def _dense(a):
-    """``a`` (outer, C, inner) with unit-stride rows, copied only when they are not."""
-    return a if a.shape[2] == 1 or a.strides[2] == a.itemsize else np.ascontiguousarray(a)
+    """``a`` (outer, C, inner) with unit-stride rows, copied only when they are not; with short rows,
+    with each outer row's channels also adjacent, as :func:`_planes` needs."""
+    outer, channels, inner = a.shape
+    if inner == 1 or (a.strides[2] == a.itemsize and (not _short_rows(a) or channels == 1 or a.strides[1] == inner * a.itemsize)):
+        return a
+    return np.ascontiguousarray(a)
+
+
+def _planes(a):
+    """A :func:`_dense` short-row ``a`` as (outer, C * inner): one unit-stride row per outer index."""
+    return a.reshape(a.shape[0], a.shape[1] * a.shape[2])
 
 
 def _rows(a):
@@ -563,16 +837,19 @@ def _rows(a):
 
 
 class _Target:
-    """Where a pass writes: ``y`` itself when its layout suits the kernels, else a dense scratch array
-    copied into ``y`` by ``finish()``."""
+    """Where a pass writes: ``y`` itself when its layout suits the kernels (:func:`_dense`'s), else a
+    dense scratch array copied into ``y`` by ``finish()``."""
 
     def __init__(self, y):
         self.y = y
-        suits = y.strides[2] == y.itemsize if y.shape[2] > 1 else y[:, :, 0].flags.c_contiguous
+        suits = y[:, :, 0].flags.c_contiguous if y.shape[2] == 1 else _dense(y) is y
         self.array = y if suits else np.empty(y.shape, y.dtype)
 
     def flat(self):
         return self.array.reshape(-1)
+
+    def planes(self):
+        return _planes(self.array)
 
     def finish(self):
         if self.array is not self.y:
@@ -593,7 +870,12 @@ def forward_train(x, weight, bias, eps, y):
     var = np.empty(channels)
     if inner > 1 and _by_channel(x):
         target = _Target(y)
-        _forward_train_by_channel(_dense(x), weight, bias, float(eps), target.array, mean, var, _streams(y))
+        x, stream = _dense(x), _streams(y)
+        if _short_rows(x):
+            block = _channel_block(x, fused=True)
+            _forward_train_by_block(_planes(x), inner, block, weight, bias, float(eps), target.planes(), mean, var, stream)
+        else:
+            _forward_train_by_channel(x, weight, bias, float(eps), target.array, mean, var, stream)
         target.finish()
         return mean, var
     if inner > 1:
@@ -602,7 +884,10 @@ def forward_train(x, weight, bias, eps, y):
         count = np.empty(chunks)
         part_mean = np.empty((chunks, channels))
         part_m2 = np.empty((chunks, channels))
-        _chunk_moments_all(x, count, part_mean, part_m2)
+        if _short_rows(x):
+            _block_moments_all(_planes(x), inner, _channel_block(x, fused=False), count, part_mean, part_m2)
+        else:
+            _chunk_moments_all(x, count, part_mean, part_m2)
     else:
         block_rows = _block_rows(channels)
         x2 = _rows(x)
@@ -622,7 +907,12 @@ def _normalize(x, mean, scale, shift, y):
     params = _element_params(y.dtype, mean, scale, shift)
     target = _Target(y)
     if inner > 1:
-        _normalize_channels_first(_dense(x), params, target.array, _segment_tasks(x), _streams(y))
+        x, stream = _dense(x), _streams(y)
+        if _short_rows(x):
+            block = _channel_block(x, fused=False)
+            _normalize_blocks(_planes(x), inner, block, _row_groups(x, block), params, target.planes(), stream)
+        else:
+            _normalize_channels_first(x, params, target.array, _segment_tasks(x), stream)
     else:
         tables = _tables(params, channels, y)
         block = _block_rows(channels) * channels
@@ -644,9 +934,14 @@ def backward(dy, x, mean, invstd, weight, training, dx):
     sum_dy_xmu = np.empty(channels)
     if inner > 1 and _by_channel(x):
         target = _Target(dx)
-        _backward_by_channel(
-            _dense(dy), _dense(x), mean, invstd, weight, bool(training), target.array, sum_dy, sum_dy_xmu, _streams(dx)
-        )
+        dy, x, stream, training = _dense(dy), _dense(x), _streams(dx), bool(training)
+        if _short_rows(x):
+            block = _channel_block(x, fused=True)
+            _backward_by_block(
+                _planes(dy), _planes(x), inner, block, mean, invstd, weight, training, target.planes(), sum_dy, sum_dy_xmu, stream
+            )
+        else:
+            _backward_by_channel(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, stream)
         target.finish()
         return sum_dy, sum_dy_xmu
     if inner > 1:
@@ -654,7 +949,11 @@ def backward(dy, x, mean, invstd, weight, training, dx):
         chunks = _chunking(outer, inner)[2]
         part_dy = np.empty((chunks, channels))
         part_dy_xmu = np.empty((chunks, channels))
-        _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu)
+        if _short_rows(x):
+            block = _channel_block(x, fused=False)
+            _block_gradient_sums_all(_planes(dy), _planes(x), inner, block, mean, part_dy, part_dy_xmu)
+        else:
+            _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu)
     else:
         block_rows = _block_rows(channels)
         dy2, x2 = _rows(dy), _rows(x)
@@ -673,7 +972,12 @@ def backward(dy, x, mean, invstd, weight, training, dx):
     params = (mean, np.zeros(channels), mean_dy, k, scale)  # float64: the gradient computes wide
     target = _Target(dx)
     if inner > 1:
-        _gradient_channels_first(dy, x, params, target.array, _segment_tasks(x), _streams(dx))
+        stream = _streams(dx)
+        if _short_rows(x):
+            block = _channel_block(x, fused=False)
+            _gradient_blocks(_planes(dy), _planes(x), inner, block, _row_groups(x, block), params, target.planes(), stream)
+        else:
+            _gradient_channels_first(dy, x, params, target.array, _segment_tasks(x), stream)
     else:
         tables = _tables(params, channels, dx)
         block = _block_rows(channels) * channels

@@ -128,13 +128,34 @@ def test_bitwise_identical_run_to_run_and_for_1_and_2_threads(shape, axis):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
-# Every path of the Numba kernels: per-channel fused or chunk-parallel (channels-first), direct or
-# streaming stores, output aligned or not; shapes with long rows (split into segments), short rows,
-# and channel counts that do not fill a cache line.
-PATHS = [((8, 16, 37, 5), 1), ((2, 3, 70001), 1), ((300, 40), 1), ((6, 7, 9, 24), -1), ((5000, 3), 1)]
+def _in_wider_array(a, axis, channels):
+    """``a``'s values in a view of a wider array with twice the channels, taking ``channels`` of them:
+    ``slice(None, n)`` keeps an outer row's channels adjacent, ``slice(1, None, 2)`` does not."""
+    shape = list(a.shape)
+    shape[axis] *= 2
+    index = [slice(None)] * a.ndim
+    index[axis] = channels
+    wide = np.zeros(shape, a.dtype)
+    wide[tuple(index)] = a
+    return wide[tuple(index)]
 
 
-@pytest.mark.parametrize("shape, axis", PATHS, ids=["NCHW", "long-rows", "NC", "NHWC", "NC-3"])
+# Every path of the Numba kernels: per-channel (or per-block) fused or chunk-parallel (channels-first),
+# direct or streaming stores, output aligned or not, channels adjacent in memory or not; shapes with
+# long rows (split into segments), short rows (in blocks of channels, several statistics chunks for
+# 7x7 and rows of 7), and channel counts that do not fill a cache line.
+PATHS = [
+    ((8, 16, 37, 5), 1),
+    ((200, 12, 7, 7), 1),
+    ((1200, 10, 7), 1),
+    ((2, 3, 70001), 1),
+    ((300, 40), 1),
+    ((6, 7, 9, 24), -1),
+    ((5000, 3), 1),
+]
+
+
+@pytest.mark.parametrize("shape, axis", PATHS, ids=["NCHW", "7x7", "rows-of-7", "long-rows", "NC", "NHWC", "NC-3"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_kernel_paths_agree_bitwise_and_match_the_reference(monkeypatch, shape, axis, dtype):
     from accelbn.backends import numba_cpu
@@ -149,6 +170,13 @@ def test_kernel_paths_agree_bitwise_and_match_the_reference(monkeypatch, shape, 
             out = np.empty(x.size + offset, dtype)[offset:].reshape(shape)
             y = abn.batch_norm(x, None, None, training=True, axis=axis, out=out)
             results.append([y.copy(), *_all_outputs(x, dy, axis)])
+        # Views of wider arrays, an outer row's channels adjacent or not: the bits of contiguous arrays.
+        adjacent, every_other = slice(None, x.shape[axis]), slice(1, None, 2)
+        for x_channels, out_channels in [(adjacent, every_other), (every_other, adjacent)]:
+            x_view = _in_wider_array(x, axis, x_channels)
+            out = _in_wider_array(np.empty_like(x), axis, out_channels)
+            y = abn.batch_norm(x_view, None, None, training=True, axis=axis, out=out)
+            results.append([y.copy(), *_all_outputs(x_view, _in_wider_array(dy, axis, out_channels), axis)])
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert a.tobytes() == b.tobytes()
