@@ -96,7 +96,8 @@ def batch_norm(
     if training and count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
     _checks.output_array(out, library, x, [("x", x)])
-    _checks.same_device(x, [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var), ("out", out)])
+    vectors = [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)]
+    _checks.same_device(x, [*vectors, ("out", out)])
 
     with device_of(x):
         xp = namespace(library)
@@ -118,7 +119,8 @@ def batch_norm(
             mean = running_mean.astype(np.float64)
             var = running_var.astype(np.float64)
             if x.size:
-                kernels.normalize(_layout.input3(x, *order, dtype), mean, weight64 * inverse_std(var, eps), bias64, y.view)
+                scale = weight64 * inverse_std(var, eps)
+                kernels.normalize(_layout.input3(x, *order, dtype), mean, scale, bias64, y.view)
 
         result = y.result().astype(x.dtype, copy=False)
         if return_stats:
@@ -152,7 +154,9 @@ def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out
     _checks.channel_vector(weight, "weight", channels, library)
     training = _checks.boolean(training, "training")
     _checks.output_array(out, library, x, [("dy", dy), ("x", x)])
-    _checks.same_device(x, [("dy", dy), ("stats.mean", stats.mean), ("stats.invstd", stats.invstd), ("weight", weight), ("out", out)])
+    _checks.same_device(
+        x, [("dy", dy), ("stats.mean", stats.mean), ("stats.invstd", stats.invstd), ("weight", weight), ("out", out)]
+    )
 
     with device_of(x):
         xp = namespace(library)

@@ -14,7 +14,8 @@ _LIBRARIES = (NUMPY, CUPY)
 class BatchNorm:
     """Batch normalization over channel axis ``axis`` of N-d NumPy arrays, like ``torch.nn.BatchNorm2d``.
 
-    Parameters and buffers are NumPy arrays of ``dtype`` (CuPy arrays after ``layer.to("cupy")``): ``weight`` (ones) and ``bias`` (zeros)
+    Parameters and buffers are NumPy arrays of ``dtype``, or CuPy arrays after ``layer.to("cupy")``:
+    ``weight`` (ones) and ``bias`` (zeros)
     when ``affine``; ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``
     (a 0-d int64 array) when ``track_running_stats``. ``momentum=None`` averages the running
     statistics cumulatively, with factor 1 / num_batches_tracked.

@@ -24,7 +24,8 @@ import numpy as np
 SOURCE = pathlib.Path(__file__).with_name("batch_norm.cu")
 OPTIONS = ("-std=c++17",)
 
-# Threads per block: a multiple of 32, at most 256 (MAX_BLOCK in batch_norm.cu). Tests shrink it so small arrays span many blocks.
+# Threads per block: a multiple of 32, at most 256 (MAX_BLOCK in batch_norm.cu). Tests shrink it so
+# that small arrays span many blocks.
 BLOCK = 256
 # A channels-first tile holds at least this many vectors per thread of a block.
 TILE_VECTORS_PER_THREAD = 8
@@ -190,7 +191,20 @@ def forward_train(x, weight, bias, eps, y):
         x.dtype,
         "finish_moments",
         plan.channels,
-        (part_mean, part_m2, part_n, _i64(plan.channels), _i64(plan.tiles), weight, bias, np.float64(eps), mean, var, scale, shift),
+        (
+            part_mean,
+            part_m2,
+            part_n,
+            _i64(plan.channels),
+            _i64(plan.tiles),
+            weight,
+            bias,
+            np.float64(eps),
+            mean,
+            var,
+            scale,
+            shift,
+        ),
     )
     _normalize(plan, x, mean, scale, shift, y)
     return mean, var
@@ -225,7 +239,20 @@ def backward(dy, x, mean, invstd, weight, training, dx):
         x.dtype,
         "finish_gradient_sums",
         plan.channels,
-        (part_dy, part_dy_xmu, _i64(plan.channels), _i64(plan.tiles), invstd, weight, np.float64(count), sum_dy, sum_dy_xmu, mean_dy, k, scale),
+        (
+            part_dy,
+            part_dy_xmu,
+            _i64(plan.channels),
+            _i64(plan.tiles),
+            invstd,
+            weight,
+            np.float64(count),
+            sum_dy,
+            sum_dy_xmu,
+            mean_dy,
+            k,
+            scale,
+        ),
     )
     _launch(
         plan.kernel(x.dtype, "gradient", "true" if training else "false"),

@@ -11,8 +11,29 @@ import accelbn as abn
 from accelbn._bench import FULL_GRID
 
 CASES = {f"{case.layout} {case.label} {np.dtype(case.dtype).name}": case for case in FULL_GRID}
-BACKENDS = ["numba", "numpy"]
+BACKENDS = ["cupy", "numba", "numpy"]
 PASSES = ["train", "eval", "backward"]
+
+
+def _array_module(backend):
+    if backend == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _synchronized(backend, call):
+    """``call``, waiting for the device inside the timed body on the GPU."""
+    if backend != "cupy":
+        return call
+    import cupy
+
+    def run():
+        call()
+        cupy.cuda.get_current_stream().synchronize()
+
+    return run
 
 
 class _Pass:
@@ -23,24 +44,26 @@ class _Pass:
 
     def setup(self, backend, case, pass_):
         if backend not in abn.available_backends():
-            raise NotImplementedError(f"backend {backend!r} is not installed")
+            raise NotImplementedError(f"backend {backend!r} is not available here")
         case = CASES[case]
         axis = case.axis
         channels = case.shape[axis]
+        xp = _array_module(backend)
         rng = np.random.default_rng(0)
-        x = rng.standard_normal(case.shape, dtype=case.dtype)
-        dy = rng.standard_normal(case.shape, dtype=case.dtype)
-        out = np.empty_like(x)
-        running_mean, running_var = np.zeros(channels, case.dtype), np.ones(channels, case.dtype)
+        x = xp.asarray(rng.standard_normal(case.shape, dtype=case.dtype))
+        dy = xp.asarray(rng.standard_normal(case.shape, dtype=case.dtype))
+        out = xp.empty_like(x)
+        running_mean, running_var = xp.zeros(channels, case.dtype), xp.ones(channels, case.dtype)
         _, stats = abn.batch_norm(x, None, None, training=True, axis=axis, return_stats=True, backend=backend)
-        self.copy = lambda: np.copyto(out, x)
-        self.run = {
+        self.copy = _synchronized(backend, lambda: xp.copyto(out, x))
+        calls = {
             "train": lambda: abn.batch_norm(
                 x, running_mean, running_var, training=True, axis=axis, out=out, backend=backend
             ),
             "eval": lambda: abn.batch_norm(x, running_mean, running_var, axis=axis, out=out, backend=backend),
             "backward": lambda: abn.batch_norm_backward(dy, x, stats, axis=axis, out=out, backend=backend),
-        }[pass_]
+        }
+        self.run = _synchronized(backend, calls[pass_])
         self.run()  # compiles (or loads) the kernels outside the timed body
         self.copy()
 
@@ -55,7 +78,8 @@ class BatchNorm(_Pass):
 
 
 class RatioToCopy(_Pass):
-    """The pass's median time over that of ``np.copyto`` on the same array, measured side by side:
+    """The pass's median time over that of a copy of the same array (``np.copyto``, or
+    ``cupy.copyto`` device to device), measured side by side:
     a number that moves when the kernels regress, not when the machine does."""
 
     unit = "ratio"

@@ -15,7 +15,7 @@ from hypothesis import settings
 # another file does (accelbn/_formulas.py). Tests compile into a cache keyed by those sources, so an
 # edited formula can never be tested through a stale kernel. Set before Numba is first imported.
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
-_KERNEL_SOURCES = [_ROOT / "backends" / name for name in ("numba_cpu.py", "_lines.py")] + [_ROOT / "accelbn" / "_formulas.py"]
+_KERNEL_SOURCES = [_ROOT / "backends" / f for f in ("numba_cpu.py", "_lines.py")] + [_ROOT / "accelbn" / "_formulas.py"]
 _DIGEST = hashlib.sha256(b"".join(p.read_bytes() for p in _KERNEL_SOURCES)).hexdigest()[:16]
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "accelbn-numba-cache", _DIGEST))
 

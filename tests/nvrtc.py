@@ -65,7 +65,9 @@ class Nvrtc:
         """Compile ``source`` for ``sm_<arch>`` into a CUBIN; return each kernel's resources (from
         ptxas -v), keyed by the mangled name, and the lowered name of each name expression."""
         program = ctypes.c_void_p()
-        self._check(self._lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"batch_norm.cu", 0, None, None))
+        self._check(
+            self._lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"batch_norm.cu", 0, None, None)
+        )
         try:
             for expression in name_expressions:
                 self._check(self._lib.nvrtcAddNameExpression(program, expression.encode()))

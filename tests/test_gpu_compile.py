@@ -31,7 +31,9 @@ def test_every_kernel_compiles_without_spills(cuda_major, arch, request):
         for expression in expressions:
             kernel = resources[lowered[expression]]  # ptxas compiled it for this architecture
             report.append((f"sm_{arch} (NVRTC {nvrtc.version[0]}.{nvrtc.version[1]})", expression, kernel.registers))
-            assert kernel.spill_store_bytes == kernel.spill_load_bytes == 0, f"{expression} spills on sm_{arch}: {kernel}"
+            assert kernel.spill_store_bytes == kernel.spill_load_bytes == 0, (
+                f"{expression} spills on sm_{arch}: {kernel}"
+            )
             assert kernel.stack_bytes == 0, f"{expression} uses local memory on sm_{arch}: {kernel}"
 
 
