@@ -26,8 +26,12 @@ using index_t = long long;
 // Threads per block at most (backends/cupy_gpu.py BLOCK); it lets ptxas use up to 255 registers.
 #define MAX_BLOCK 256
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
+template <typename T> struct Acc {
+    using type = float;
+};
+template <> struct Acc<double> {
+    using type = double;
+};
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -160,7 +164,11 @@ struct Cursor {
     }
 };
 
-// Element strides of one array in the (outer, C, inner) view.
+// Element strides of one array in the (outer, C, inner) view. Kernels take them as three scalars
+// (what CuPy passes) and gather them with STRIDES.
+#define STRIDE_PARAMS(name) index_t name##_outer, index_t name##_channel, index_t name##_inner
+#define STRIDES(name) \
+    Strides { name##_outer, name##_channel, name##_inner }
 struct Strides {
     index_t outer, channel, inner;
     __device__ __forceinline__ index_t at(index_t row, index_t channel_, index_t element) const {
@@ -177,13 +185,12 @@ struct Tile {
         : channel(item / tiles), begin((item % tiles) * tile_vectors), end(min(begin + tile_vectors, vectors)) {}
 };
 
-template <typename T, int V>
-__global__ void __launch_bounds__(MAX_BLOCK, 1) cf_moments(
-    const T* __restrict__ x, index_t xs_outer, index_t xs_channel, index_t xs_inner, index_t outer, index_t channels, index_t inner, index_t tiles,
-    index_t tile_vectors, typename Acc<T>::type* __restrict__ part_mean, typename Acc<T>::type* __restrict__ part_m2,
-    index_t* __restrict__ part_n) {
+template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cf_moments(const T* __restrict__ x, STRIDE_PARAMS(xs), index_t outer, index_t channels, index_t inner,
+               index_t tiles, index_t tile_vectors, typename Acc<T>::type* __restrict__ part_mean,
+               typename Acc<T>::type* __restrict__ part_m2, index_t* __restrict__ part_n) {
     using A = typename Acc<T>::type;
-    const Strides xs{xs_outer, xs_channel, xs_inner};
+    const Strides xs = STRIDES(xs);
     __shared__ Moments<A> scratch[32];
     const index_t cols = inner / V, vectors = outer * cols;
     for (index_t item = blockIdx.x; item < channels * tiles; item += gridDim.x) {
@@ -201,14 +208,13 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) cf_moments(
     }
 }
 
-template <typename T, int V>
-__global__ void __launch_bounds__(MAX_BLOCK, 1) cf_normalize(
-    const T* __restrict__ x, index_t xs_outer, index_t xs_channel, index_t xs_inner, T* __restrict__ y, index_t ys_outer, index_t ys_channel, index_t ys_inner, index_t outer, index_t channels,
-    index_t inner, index_t tiles, index_t tile_vectors, const double* __restrict__ mean,
-    const double* __restrict__ scale, const double* __restrict__ shift) {
+template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cf_normalize(const T* __restrict__ x, STRIDE_PARAMS(xs), T* __restrict__ y, STRIDE_PARAMS(ys), index_t outer,
+                 index_t channels, index_t inner, index_t tiles, index_t tile_vectors, const double* __restrict__ mean,
+                 const double* __restrict__ scale, const double* __restrict__ shift) {
     using A = typename Acc<T>::type;
-    const Strides xs{xs_outer, xs_channel, xs_inner};
-    const Strides ys{ys_outer, ys_channel, ys_inner};
+    const Strides xs = STRIDES(xs);
+    const Strides ys = STRIDES(ys);
     const index_t cols = inner / V, vectors = outer * cols, items = channels * tiles;
     for (index_t i = blockIdx.x; i < items; i += gridDim.x) {
         const Tile tile(items - 1 - i, tiles, tile_vectors, vectors);
@@ -224,14 +230,14 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) cf_normalize(
     }
 }
 
-template <typename T, int V>
-__global__ void __launch_bounds__(MAX_BLOCK, 1) cf_gradient_sums(
-    const T* __restrict__ dy, index_t dys_outer, index_t dys_channel, index_t dys_inner, const T* __restrict__ x, index_t xs_outer, index_t xs_channel, index_t xs_inner, index_t outer, index_t channels,
-    index_t inner, index_t tiles, index_t tile_vectors, const double* __restrict__ mean,
-    typename Acc<T>::type* __restrict__ part_dy, typename Acc<T>::type* __restrict__ part_dy_xmu) {
+template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cf_gradient_sums(const T* __restrict__ dy, STRIDE_PARAMS(dys), const T* __restrict__ x, STRIDE_PARAMS(xs),
+                     index_t outer, index_t channels, index_t inner, index_t tiles, index_t tile_vectors,
+                     const double* __restrict__ mean, typename Acc<T>::type* __restrict__ part_dy,
+                     typename Acc<T>::type* __restrict__ part_dy_xmu) {
     using A = typename Acc<T>::type;
-    const Strides dys{dys_outer, dys_channel, dys_inner};
-    const Strides xs{xs_outer, xs_channel, xs_inner};
+    const Strides dys = STRIDES(dys);
+    const Strides xs = STRIDES(xs);
     __shared__ SumPair<A> scratch[32];
     const index_t cols = inner / V, vectors = outer * cols;
     for (index_t item = blockIdx.x; item < channels * tiles; item += gridDim.x) {
@@ -265,7 +271,9 @@ template <typename A, bool TRAINING> struct GradientCoefficients {
     GradientCoefficients() = default;
     __device__ __forceinline__ GradientCoefficients(const double* mean, const double* mean_dy_, const double* k_,
                                                     const double* scale_, index_t c)
-        : mu(mean[c]), mean_dy(static_cast<A>(mean_dy_[c])), k(static_cast<A>(k_[c])),
+        : mu(mean[c]),
+          mean_dy(static_cast<A>(mean_dy_[c])),
+          k(static_cast<A>(k_[c])),
           scale(static_cast<A>(scale_[c])) {}
     __device__ __forceinline__ A operator()(A dy, A x) const {
         if constexpr (TRAINING) return (dy - mean_dy - mu.centre(x) * k) * scale;
@@ -278,16 +286,15 @@ template <typename T, int V, bool TRAINING> __device__ __forceinline__ Pack<T, V
     return Pack<T, V>{};
 }
 
-template <typename T, int V, bool TRAINING>
-__global__ void __launch_bounds__(MAX_BLOCK, 1) cf_gradient(
-    const T* __restrict__ dy, index_t dys_outer, index_t dys_channel, index_t dys_inner, const T* __restrict__ x, index_t xs_outer, index_t xs_channel, index_t xs_inner, T* __restrict__ dx, index_t dxs_outer, index_t dxs_channel, index_t dxs_inner,
-    index_t outer, index_t channels, index_t inner, index_t tiles, index_t tile_vectors,
-    const double* __restrict__ mean, const double* __restrict__ mean_dy, const double* __restrict__ k,
-    const double* __restrict__ scale) {
+template <typename T, int V, bool TRAINING> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cf_gradient(const T* __restrict__ dy, STRIDE_PARAMS(dys), const T* __restrict__ x, STRIDE_PARAMS(xs),
+                T* __restrict__ dx, STRIDE_PARAMS(dxs), index_t outer, index_t channels, index_t inner, index_t tiles,
+                index_t tile_vectors, const double* __restrict__ mean, const double* __restrict__ mean_dy,
+                const double* __restrict__ k, const double* __restrict__ scale) {
     using A = typename Acc<T>::type;
-    const Strides dxs{dxs_outer, dxs_channel, dxs_inner};
-    const Strides dys{dys_outer, dys_channel, dys_inner};
-    const Strides xs{xs_outer, xs_channel, xs_inner};
+    const Strides dxs = STRIDES(dxs);
+    const Strides dys = STRIDES(dys);
+    const Strides xs = STRIDES(xs);
     const index_t cols = inner / V, vectors = outer * cols, items = channels * tiles;
     for (index_t i = blockIdx.x; i < items; i += gridDim.x) {
         const Tile tile(items - 1 - i, tiles, tile_vectors, vectors);
@@ -311,7 +318,8 @@ struct RowTile {
     index_t channel0, row_begin, row_end;
     __device__ __forceinline__ RowTile(index_t item, index_t channel_blocks, int lanes, int V, index_t tile_rows,
                                        index_t rows)
-        : channel0((item % channel_blocks) * lanes * V), row_begin((item / channel_blocks) * tile_rows),
+        : channel0((item % channel_blocks) * lanes * V),
+          row_begin((item / channel_blocks) * tile_rows),
           row_end(min(row_begin + tile_rows, rows)) {}
 };
 
@@ -329,13 +337,12 @@ template <typename R> __device__ __forceinline__ R reduce_rows(R value, R* scrat
     return value;
 }
 
-template <typename T, int V>
-__global__ void __launch_bounds__(MAX_BLOCK, 1) cl_moments(
-    const T* __restrict__ x, index_t xs_outer, index_t xs_channel, index_t xs_inner, index_t rows, index_t channels, int lanes, index_t tile_rows,
-    index_t row_tiles, typename Acc<T>::type* __restrict__ part_mean, typename Acc<T>::type* __restrict__ part_m2,
-    index_t* __restrict__ part_n) {
+template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cl_moments(const T* __restrict__ x, STRIDE_PARAMS(xs), index_t rows, index_t channels, int lanes, index_t tile_rows,
+               index_t row_tiles, typename Acc<T>::type* __restrict__ part_mean,
+               typename Acc<T>::type* __restrict__ part_m2, index_t* __restrict__ part_n) {
     using A = typename Acc<T>::type;
-    const Strides xs{xs_outer, xs_channel, xs_inner};
+    const Strides xs = STRIDES(xs);
     extern __shared__ unsigned char shared[];
     Moments<A>* scratch = reinterpret_cast<Moments<A>*>(shared);
     const index_t channel_blocks = (channels + lanes * V - 1) / (lanes * V);
@@ -373,14 +380,13 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) cl_moments(
     }
 }
 
-template <typename T, int V>
-__global__ void __launch_bounds__(MAX_BLOCK, 1) cl_normalize(
-    const T* __restrict__ x, index_t xs_outer, index_t xs_channel, index_t xs_inner, T* __restrict__ y, index_t ys_outer, index_t ys_channel, index_t ys_inner, index_t rows, index_t channels, int lanes,
-    index_t tile_rows, index_t row_tiles, const double* __restrict__ mean, const double* __restrict__ scale,
-    const double* __restrict__ shift) {
+template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cl_normalize(const T* __restrict__ x, STRIDE_PARAMS(xs), T* __restrict__ y, STRIDE_PARAMS(ys), index_t rows,
+                 index_t channels, int lanes, index_t tile_rows, index_t row_tiles, const double* __restrict__ mean,
+                 const double* __restrict__ scale, const double* __restrict__ shift) {
     using A = typename Acc<T>::type;
-    const Strides xs{xs_outer, xs_channel, xs_inner};
-    const Strides ys{ys_outer, ys_channel, ys_inner};
+    const Strides xs = STRIDES(xs);
+    const Strides ys = STRIDES(ys);
     const index_t channel_blocks = (channels + lanes * V - 1) / (lanes * V), items = channel_blocks * row_tiles;
     const int lane = threadIdx.x % lanes, row0 = threadIdx.x / lanes, row_step = blockDim.x / lanes;
     for (index_t i = blockIdx.x; i < items; i += gridDim.x) {
@@ -404,14 +410,14 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) cl_normalize(
     }
 }
 
-template <typename T, int V>
-__global__ void __launch_bounds__(MAX_BLOCK, 1) cl_gradient_sums(
-    const T* __restrict__ dy, index_t dys_outer, index_t dys_channel, index_t dys_inner, const T* __restrict__ x, index_t xs_outer, index_t xs_channel, index_t xs_inner, index_t rows, index_t channels,
-    int lanes, index_t tile_rows, index_t row_tiles, const double* __restrict__ mean,
-    typename Acc<T>::type* __restrict__ part_dy, typename Acc<T>::type* __restrict__ part_dy_xmu) {
+template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cl_gradient_sums(const T* __restrict__ dy, STRIDE_PARAMS(dys), const T* __restrict__ x, STRIDE_PARAMS(xs),
+                     index_t rows, index_t channels, int lanes, index_t tile_rows, index_t row_tiles,
+                     const double* __restrict__ mean, typename Acc<T>::type* __restrict__ part_dy,
+                     typename Acc<T>::type* __restrict__ part_dy_xmu) {
     using A = typename Acc<T>::type;
-    const Strides dys{dys_outer, dys_channel, dys_inner};
-    const Strides xs{xs_outer, xs_channel, xs_inner};
+    const Strides dys = STRIDES(dys);
+    const Strides xs = STRIDES(xs);
     extern __shared__ unsigned char shared[];
     SumPair<A>* scratch = reinterpret_cast<SumPair<A>*>(shared);
     const index_t channel_blocks = (channels + lanes * V - 1) / (lanes * V);
@@ -449,15 +455,15 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) cl_gradient_sums(
     }
 }
 
-template <typename T, int V, bool TRAINING>
-__global__ void __launch_bounds__(MAX_BLOCK, 1) cl_gradient(
-    const T* __restrict__ dy, index_t dys_outer, index_t dys_channel, index_t dys_inner, const T* __restrict__ x, index_t xs_outer, index_t xs_channel, index_t xs_inner, T* __restrict__ dx, index_t dxs_outer, index_t dxs_channel, index_t dxs_inner,
-    index_t rows, index_t channels, int lanes, index_t tile_rows, index_t row_tiles, const double* __restrict__ mean,
-    const double* __restrict__ mean_dy, const double* __restrict__ k, const double* __restrict__ scale) {
+template <typename T, int V, bool TRAINING> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cl_gradient(const T* __restrict__ dy, STRIDE_PARAMS(dys), const T* __restrict__ x, STRIDE_PARAMS(xs),
+                T* __restrict__ dx, STRIDE_PARAMS(dxs), index_t rows, index_t channels, int lanes, index_t tile_rows,
+                index_t row_tiles, const double* __restrict__ mean, const double* __restrict__ mean_dy,
+                const double* __restrict__ k, const double* __restrict__ scale) {
     using A = typename Acc<T>::type;
-    const Strides dxs{dxs_outer, dxs_channel, dxs_inner};
-    const Strides dys{dys_outer, dys_channel, dys_inner};
-    const Strides xs{xs_outer, xs_channel, xs_inner};
+    const Strides dxs = STRIDES(dxs);
+    const Strides dys = STRIDES(dys);
+    const Strides xs = STRIDES(xs);
     const index_t channel_blocks = (channels + lanes * V - 1) / (lanes * V), items = channel_blocks * row_tiles;
     const int lane = threadIdx.x % lanes, row0 = threadIdx.x / lanes, row_step = blockDim.x / lanes;
     for (index_t i = blockIdx.x; i < items; i += gridDim.x) {
@@ -481,18 +487,19 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) cl_gradient(
 
 // Mirrors accelbn/_formulas.py (inverse_std): the backend needs scale and shift before the
 // normalize launch, and computing them here saves a chain of small launches.
-template <typename A>
-__global__ void finish_moments(const A* __restrict__ part_mean, const A* __restrict__ part_m2,
-                               const index_t* __restrict__ part_n, index_t channels, index_t tiles,
-                               const double* __restrict__ weight, const double* __restrict__ bias, double eps,
-                               double* __restrict__ mean, double* __restrict__ var, double* __restrict__ scale,
-                               double* __restrict__ shift) {
+template <typename A> __global__ void finish_moments(const A* __restrict__ part_mean, const A* __restrict__ part_m2,
+                                                     const index_t* __restrict__ part_n, index_t channels,
+                                                     index_t tiles, const double* __restrict__ weight,
+                                                     const double* __restrict__ bias, double eps,
+                                                     double* __restrict__ mean, double* __restrict__ var,
+                                                     double* __restrict__ scale, double* __restrict__ shift) {
     for (index_t c = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; c < channels;
          c += static_cast<index_t>(gridDim.x) * blockDim.x) {
         Moments<double> m{0, 0, 0};
         for (index_t t = 0; t < tiles; ++t) {
             const index_t i = c * tiles + t;
-            m = merge(m, Moments<double>{part_n[i], static_cast<double>(part_mean[i]), static_cast<double>(part_m2[i])});
+            m = merge(m,
+                      Moments<double>{part_n[i], static_cast<double>(part_mean[i]), static_cast<double>(part_m2[i])});
         }
         const double v = m.m2 / static_cast<double>(m.n);
         const double invstd = 1.0 / sqrt(v + eps);
