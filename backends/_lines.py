@@ -116,6 +116,27 @@ def store_fence(typingctx):
 
 
 @intrinsic
+def prefetch(typingctx, a, i):
+    """Ask the hardware to bring the cache line holding ``a[i]`` towards L1 (a hint: no fault, no
+    effect on results). For reads that jump between short runs, where hardware prefetchers lag."""
+    if not (isinstance(a, types.Array) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(a)(context, builder, args[0])
+        item = cgutils.get_item_pointer(context, builder, a, array, [args[1]], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
+        )
+        builder.call(function, [builder.bitcast(item, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(a, i), codegen
+
+
+@intrinsic
 def unit_stride(typingctx, a):
     """A 1-d array whose elements are adjacent, typed as C-contiguous (the caller vouches for it).
 

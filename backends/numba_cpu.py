@@ -40,7 +40,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from accelbn._formulas import backward_coefficients, inverse_std
-from accelbn.backends._lines import LINE_BYTES, line_kernel, store_fence, unit_stride
+from accelbn.backends._lines import LINE_BYTES, line_kernel, prefetch, store_fence, unit_stride
 
 # The dtypes the kernels read and write directly (Numba has no float16 on the CPU); the front
 # converts anything else to float32.
@@ -59,9 +59,12 @@ ROW_SEGMENT = 65536
 # A channel slice this small stays in L2 between the statistics and the normalize pass.
 CACHED_SLICE_BYTES = 1 << 20
 # Channels-first rows shorter than this (elements) are processed in blocks of channels whose runs in
-# an outer row have at least BLOCK_RUN elements; must not exceed STATS_CHUNK.
-SHORT_ROW = 1024
+# an outer row have at least BLOCK_RUN elements; must not exceed STATS_CHUNK. Measured here: blocks
+# win for 7x7 and 14x14, single channels for 28x28 (784).
+SHORT_ROW = 256
 BLOCK_RUN = 1024
+# Rows ahead that the statistics and the parallel element passes of short rows prefetch.
+PREFETCH_ROWS = 2
 # Outputs at least this large are streamed: they would not stay in cache for a next reader anyway.
 STREAM_MIN_BYTES = 8 << 20
 
@@ -164,6 +167,14 @@ def _split(a, v):
 
 
 # --- reductions ----------------------------------------------------------------------------------
+
+
+@njit(**_REDUCTION)
+def _sum(v):
+    s = 0.0
+    for i in range(v.shape[0]):
+        s += v[i]
+    return s
 
 
 @njit(**_REDUCTION)
@@ -475,9 +486,10 @@ def _gradient_channels_first(dy, x, params, dx, tasks, stream):
 # unaligned ends, done element by element, and a channel's rows lie one per page. So short rows go
 # in blocks of consecutive channels, whose part of an outer row is one contiguous run: the element
 # passes write a run at a time, reading each element's parameters from tables that spread the
-# block's per-channel values over the run. A block only groups work: each channel's sums still run
-# row by row and chunk by chunk as in the per-channel kernels above, so every path gives the same
-# bits, and the block size may depend on the thread count.
+# block's per-channel values over the run. Statistics sum each chunk down its rows first, element
+# by element across the run, then each channel's columns. A block only groups work: a channel's
+# sums are the same operations whichever block it is in, so the fused and the chunked kernels give
+# the same bits, and the block size may depend on the thread count.
 
 
 @njit(**_OPTIONS)
@@ -490,36 +502,71 @@ def _spread(values, inner):
 
 
 @njit(**_OPTIONS)
+def _prefetch_run(x, r, r1, j0, width):
+    """Prefetch row r's run x[r, j0:j0 + width] if r < r1: a block's runs lie one per outer row, too
+    far apart and too short for the hardware prefetchers to follow from memory."""
+    if r < r1:
+        row = x[r]
+        for j in range(j0, j0 + width, LINE_BYTES // x.itemsize):
+            prefetch(row, j)
+        prefetch(row, j0 + width - 1)
+
+
+@njit(**_OPTIONS)
 def _block_moments(x, inner, c0, c1, r0, r1, mean, m2):
     """Moments of rows [r0, r1) of channels [c0, c1) into mean and m2 (indexed from c0); returns the
-    count. The same operations in the same order as :func:`_chunk_moments` for each channel."""
-    mean[:] = 0.0
+    count. A shifted two-pass as in :func:`_chunk_moments`, but summed down the rows first, element
+    by element across the block's run (long vector loops however short a row is), then across each
+    channel's ``inner`` column sums."""
+    j0 = c0 * inner
+    width = (c1 - c0) * inner
+    column = np.zeros(width)
+    shift = np.empty(width)
+    for c in range(c1 - c0):
+        shift[c * inner : (c + 1) * inner] = np.float64(x[r0, j0 + c * inner])
     for r in range(r0, r1):
-        for c in range(c0, c1):
-            j = c * inner
-            mean[c - c0] += _sum_shifted(unit_stride(x[r, j : j + inner]), np.float64(x[r0, j]))
+        _prefetch_run(x, r + PREFETCH_ROWS, r1, j0, width)
+        row = unit_stride(x[r, j0 : j0 + width])
+        for j in range(width):
+            column[j] += np.float64(row[j]) - shift[j]
     n = np.float64((r1 - r0) * inner)
-    for c in range(c0, c1):
-        mean[c - c0] = np.float64(x[r0, c * inner]) + mean[c - c0] / n
-    m2[:] = 0.0
+    for c in range(c1 - c0):
+        mean[c] = shift[c * inner] + _sum(column[c * inner : (c + 1) * inner]) / n
+        shift[c * inner : (c + 1) * inner] = mean[c]
+    column[:] = 0.0
     for r in range(r0, r1):
-        for c in range(c0, c1):
-            j = c * inner
-            m2[c - c0] += _sum_squared_deviations(unit_stride(x[r, j : j + inner]), mean[c - c0])
+        row = unit_stride(x[r, j0 : j0 + width])
+        for j in range(width):
+            d = np.float64(row[j]) - shift[j]
+            column[j] += d * d
+    for c in range(c1 - c0):
+        m2[c] = _sum(column[c * inner : (c + 1) * inner])
     return n
 
 
 @njit(**_OPTIONS)
 def _block_gradient_sums(dy, x, inner, c0, c1, r0, r1, mean, sum_dy, sum_dy_xmu):
-    """:func:`_chunk_gradient_sums` of rows [r0, r1) for channels [c0, c1), indexed from c0."""
-    sum_dy[:] = 0.0
-    sum_dy_xmu[:] = 0.0
+    """Sums of dy and dy * (x - mean) over rows [r0, r1) of channels [c0, c1), indexed from c0; down
+    the rows first, as :func:`_block_moments`."""
+    j0 = c0 * inner
+    width = (c1 - c0) * inner
+    column_dy = np.zeros(width)
+    column_dy_xmu = np.zeros(width)
+    center = np.empty(width)
+    for c in range(c0, c1):
+        center[(c - c0) * inner : (c - c0 + 1) * inner] = mean[c]
     for r in range(r0, r1):
-        for c in range(c0, c1):
-            j = c * inner
-            a, b = _gradient_sums(unit_stride(dy[r, j : j + inner]), unit_stride(x[r, j : j + inner]), mean[c])
-            sum_dy[c - c0] += a
-            sum_dy_xmu[c - c0] += b
+        _prefetch_run(dy, r + PREFETCH_ROWS, r1, j0, width)
+        _prefetch_run(x, r + PREFETCH_ROWS, r1, j0, width)
+        dy_row = unit_stride(dy[r, j0 : j0 + width])
+        x_row = unit_stride(x[r, j0 : j0 + width])
+        for j in range(width):
+            g = np.float64(dy_row[j])
+            column_dy[j] += g
+            column_dy_xmu[j] += g * (np.float64(x_row[j]) - center[j])
+    for c in range(c1 - c0):
+        sum_dy[c] = _sum(column_dy[c * inner : (c + 1) * inner])
+        sum_dy_xmu[c] = _sum(column_dy_xmu[c * inner : (c + 1) * inner])
 
 
 @njit(parallel=True, **_OPTIONS)
@@ -664,6 +711,7 @@ def _normalize_blocks(x, inner, block, groups, params, y, stream):
         j0 = c0 * inner
         j1 = c1 * inner
         for r in range(r0, r1):
+            _prefetch_run(x, r + PREFETCH_ROWS, r1, j0, j1 - j0)
             _write_affine(x[r, j0:j1], 0, j1 - j0, tables, j1 - j0, y[r, j0:j1], stream)
         if stream:
             store_fence()
@@ -684,6 +732,8 @@ def _gradient_blocks(dy, x, inner, block, groups, params, dx, stream):
         j0 = c0 * inner
         j1 = c1 * inner
         for r in range(r0, r1):
+            _prefetch_run(dy, r + PREFETCH_ROWS, r1, j0, j1 - j0)
+            _prefetch_run(x, r + PREFETCH_ROWS, r1, j0, j1 - j0)
             _write_gradient(dy[r, j0:j1], x[r, j0:j1], 0, j1 - j0, tables, j1 - j0, dx[r, j0:j1], stream)
         if stream:
             store_fence()
