@@ -117,15 +117,16 @@ def batch_norm(
                 xp.copyto(running_var, new_var, casting="same_kind")
         else:
             mean = running_mean.astype(np.float64)
-            var = running_var.astype(np.float64)
+            invstd = inverse_std(running_var.astype(np.float64), eps)
             if x.size:
-                scale = weight64 * inverse_std(var, eps)
-                kernels.normalize(_layout.input3(x, *order, dtype), mean, scale, bias64, y.view)
+                kernels.normalize(_layout.input3(x, *order, dtype), mean, weight64 * invstd, bias64, y.view)
 
         result = y.result().astype(x.dtype, copy=False)
         if return_stats:
+            if training:  # only the saved statistics need it
+                invstd = inverse_std(var, eps)
             saved = stats_dtype(x.dtype)
-            return result, BatchStats(mean.astype(saved), inverse_std(var, eps).astype(saved))
+            return result, BatchStats(mean.astype(saved), invstd.astype(saved))
         return result
 
 
