@@ -177,7 +177,7 @@ def _sum(v):
     return s
 
 
-# The chunk reductions add SUM_RUN elements at a time in the element dtype (float32 for float32 x),
+# The moment reductions add SUM_RUN elements at a time in the element dtype (float32 for float32 x),
 # which LLVM spreads over vector lanes and accumulators, so a run's total is nearly a pairwise sum;
 # the runs' totals are added in float64. Converting every element to float64 instead cost half of a
 # train forward's statistics time here. A float32 run can overflow where float64 would not (values
@@ -222,28 +222,6 @@ def _runs_squared_deviations(v, mean_hi, mean_lo, zero):
     return s + np.float64(t)
 
 
-@njit(inline="always", **_REDUCTION)
-def _runs_gradient_sums(dy, x, mean_hi, mean_lo, zero):
-    n = dy.shape[0]
-    e = n - n % SUM_RUN
-    sum_dy = 0.0
-    sum_dy_xmu = 0.0
-    for i0 in range(0, e, SUM_RUN):
-        a = zero
-        b = zero
-        for i in range(i0, i0 + SUM_RUN):
-            a += dy[i]
-            b += dy[i] * ((x[i] - mean_hi) - mean_lo)
-        sum_dy += np.float64(a)
-        sum_dy_xmu += np.float64(b)
-    a = zero
-    b = zero
-    for i in range(e, n):
-        a += dy[i]
-        b += dy[i] * ((x[i] - mean_hi) - mean_lo)
-    return sum_dy + np.float64(a), sum_dy_xmu + np.float64(b)
-
-
 @njit(**_REDUCTION)
 def _sum_shifted(v, shift):
     """Sum of v - shift, for a shift that is exact in v's dtype (an element of v)."""
@@ -264,12 +242,16 @@ def _sum_squared_deviations(v, mean):
 
 @njit(**_REDUCTION)
 def _gradient_sums(dy, x, mean):
-    """Sums of dy and of dy * (x - mean)."""
-    hi, lo = _split(x, mean)
-    a, b = _runs_gradient_sums(dy, x, hi, lo, _as_element(x, 0.0))
-    if not (np.isfinite(a) and np.isfinite(b)):
-        a, b = _runs_gradient_sums(dy, x, mean, 0.0, 0.0)
-    return a, b
+    """Sums of dy and of dy * (x - mean), in float64 throughout: a product of two float32 numbers is
+    exact in float64, and the gradient needs the second sum exactly where dx cancels to far below dy
+    (dy nearly a linear function of x)."""
+    sum_dy = 0.0
+    sum_dy_xmu = 0.0
+    for i in range(dy.shape[0]):
+        g = np.float64(dy[i])
+        sum_dy += g
+        sum_dy_xmu += g * (np.float64(x[i]) - mean)
+    return sum_dy, sum_dy_xmu
 
 
 @njit(**_OPTIONS)
@@ -809,6 +791,38 @@ def _gradient_blocks(dy, x, inner, block, groups, params, dx, stream):
 # --- channels-last: the C-contiguous (rows, C) array in fixed row blocks ---------------------------
 
 
+# A block sums its columns ROW_RUN rows at a time in the element dtype, each run then added into the
+# float64 partials: SUM_RUN's trade for rows, with the same float64 redo when a float32 run overflows.
+# Shorter runs than SUM_RUN, as a column adds its rows one after another, not across vector lanes.
+ROW_RUN = 16
+
+
+@njit(**_OPTIONS)
+def _columns_shifted(x, r0, r1, shift, run, total):
+    """total[c] = sum of x[r, c] - shift[c] over rows [r0, r1), in runs accumulated in run's dtype."""
+    total[:] = 0.0
+    for q in range(r0, r1, ROW_RUN):
+        run[:] = 0.0
+        for r in range(q, min(q + ROW_RUN, r1)):
+            for c in range(x.shape[1]):
+                run[c] += x[r, c] - shift[c]
+        for c in range(x.shape[1]):
+            total[c] += np.float64(run[c])
+
+
+@njit(**_OPTIONS)
+def _columns_squared_deviations(x, r0, r1, mean_hi, mean_lo, run, total):
+    total[:] = 0.0
+    for q in range(r0, r1, ROW_RUN):
+        run[:] = 0.0
+        for r in range(q, min(q + ROW_RUN, r1)):
+            for c in range(x.shape[1]):
+                d = (x[r, c] - mean_hi[c]) - mean_lo[c]
+                run[c] += d * d
+        for c in range(x.shape[1]):
+            total[c] += np.float64(run[c])
+
+
 @njit(parallel=True, **_OPTIONS)
 def _block_moments_channels_last(x, block_rows, part_mean, part_m2):
     rows, channels = x.shape
@@ -817,21 +831,24 @@ def _block_moments_channels_last(x, block_rows, part_mean, part_m2):
         r1 = min(r0 + block_rows, rows)
         bm = part_mean[b]
         bq = part_m2[b]
-        bm[:] = 0.0
-        bq[:] = 0.0
-        for r in range(r0, r1):
-            for c in range(channels):
-                bm[c] += np.float64(x[r, c]) - np.float64(x[r0, c])
+        shift = x[r0].copy()
+        run = np.empty(channels, x.dtype)
+        _columns_shifted(x, r0, r1, shift, run, bm)
+        if not np.isfinite(bm).all():
+            _columns_shifted(x, r0, r1, shift.astype(np.float64), np.empty(channels), bm)
+        hi = np.empty(channels, x.dtype)
+        lo = np.empty(channels, x.dtype)
         for c in range(channels):
-            bm[c] = np.float64(x[r0, c]) + bm[c] / (r1 - r0)
-        for r in range(r0, r1):
-            for c in range(channels):
-                d = np.float64(x[r, c]) - bm[c]
-                bq[c] += d * d
+            bm[c] = np.float64(shift[c]) + bm[c] / (r1 - r0)
+            hi[c], lo[c] = _split(x, bm[c])
+        _columns_squared_deviations(x, r0, r1, hi, lo, run, bq)
+        if not np.isfinite(bq).all():
+            _columns_squared_deviations(x, r0, r1, bm, np.zeros(channels), np.empty(channels), bq)
 
 
 @njit(parallel=True, **_OPTIONS)
 def _block_gradient_sums_channels_last(dy, x, mean, block_rows, part_dy, part_dy_xmu):
+    """In float64 throughout, as :func:`_gradient_sums`."""
     rows, channels = x.shape
     for b in prange(part_dy.shape[0]):
         sa = part_dy[b]

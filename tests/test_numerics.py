@@ -183,3 +183,18 @@ def test_kernel_paths_agree_bitwise_and_match_the_reference(monkeypatch, shape, 
     y, stats, *_ = reference_forward(x, None, None, None, None, True, axis=axis)
     assert_matches_reference(results[0][0], y)
     assert_matches_reference(results[0][6], reference_backward(dy, x, stats, None, True, axis=axis)[0])
+
+
+@pytest.mark.parametrize("shape, axis", [*LAYOUTS, ((2, 2), 1)], ids=[*LAYOUT_IDS, "NC-two-rows"])
+def test_gradient_that_cancels_far_below_dy(backend, shape, axis):
+    # dy almost a linear function of x: dx is dy minus its projection, 1e-4 of dy here (and of order
+    # eps with two rows). Its accuracy needs sum(dy * (x - mean)) with exact products.
+    x = random_array(shape, loc=1.0)
+    _, stats = abn.batch_norm(x, None, None, training=True, axis=axis, return_stats=True, backend="numpy")
+    channel_shape = [1] * x.ndim
+    channel_shape[axis] = -1
+    x_hat = (x - stats.mean.reshape(channel_shape)) * stats.invstd.reshape(channel_shape)
+    dy = (0.3 + 0.7 * x_hat + 1e-4 * random_array(shape, seed=1)).astype(np.float32)
+    want, _, _ = reference_backward(dy, x, stats, None, training=True, axis=axis)
+    got, _, _ = abn.batch_norm_backward(dy, x, stats, axis=axis, backend=backend)
+    assert rel_error(got, want) < 2e-5
