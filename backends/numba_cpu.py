@@ -33,6 +33,7 @@ import contextlib
 import functools
 import os
 import threading
+from types import FunctionType, SimpleNamespace
 
 import numba
 import numpy as np
@@ -98,7 +99,7 @@ def _threads_from_environment():
 
 _pin_threading_layer()
 _NUM_THREADS = _threads_from_environment()
-_SERIAL = threading.Lock()
+_ONE_AT_A_TIME = threading.Lock()
 
 
 def _thread_safe_layer():
@@ -111,14 +112,17 @@ def _thread_safe_layer():
 
 def _parallel_entry(entry):
     """Run an entry point's kernels on ACCELBN_NUM_THREADS threads when it is set (else on Numba's
-    count for the calling thread), one call at a time under a layer that is not thread-safe."""
+    count for the calling thread), one call at a time under a layer that is not thread-safe. Small
+    inputs (the first argument) run the serial kernels: no threads, nothing to set or guard."""
 
     def serialized(*args):
-        with contextlib.nullcontext() if _thread_safe_layer() else _SERIAL:
+        with contextlib.nullcontext() if _thread_safe_layer() else _ONE_AT_A_TIME:
             return entry(*args)
 
     @functools.wraps(entry)
     def call(*args):
+        if _is_small(args[0]):
+            return entry(*args)
         if _NUM_THREADS is None:
             return serialized(*args)
         previous = numba.get_num_threads()
@@ -129,6 +133,35 @@ def _parallel_entry(entry):
             numba.set_num_threads(previous)
 
     return call
+
+
+# Inputs of at most this many elements run the serial twins of the parallel kernels: waking the
+# threads costs tens of microseconds, more than such an input's whole pass.
+SERIAL_MAX_ELEMENTS = 1 << 15
+
+_PARALLEL = SimpleNamespace()
+_SERIAL = SimpleNamespace()
+
+
+def _kernel(function):
+    """Compile a prange kernel twice: parallel, and serial (prange runs as range), as the attribute of
+    _PARALLEL and _SERIAL named after it. Both do the same arithmetic in the same order, so they give
+    the same bits. The serial one is compiled from a renamed copy, so each has its own disk cache."""
+    name = function.__name__.lstrip("_")
+    twin = FunctionType(function.__code__, function.__globals__, f"{function.__name__}_serial")
+    twin.__qualname__ = twin.__name__
+    setattr(_SERIAL, name, njit(**_OPTIONS)(twin))
+    setattr(_PARALLEL, name, njit(parallel=True, **_OPTIONS)(function))
+    return function
+
+
+def _is_small(x):
+    return x.size <= SERIAL_MAX_ELEMENTS
+
+
+def _kernels(x):
+    """The kernels for ``x``: serial for small inputs, else parallel; chosen by size alone."""
+    return _SERIAL if _is_small(x) else _PARALLEL
 
 
 _inverse_std = njit(inline="always", error_model="numpy")(inverse_std)
@@ -415,7 +448,7 @@ def _chunk_gradient_sums(dy, x, c, mean, k, rows, segments):
     return a, b
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _forward_train_by_channel(x, weight, bias, eps, y, mean, var, stream):
     outer, channels, inner = x.shape
     rows, segments, chunks = _chunking(outer, inner)
@@ -434,7 +467,7 @@ def _forward_train_by_channel(x, weight, bias, eps, y, mean, var, stream):
             store_fence()
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream):
     outer, channels, inner = x.shape
     rows, segments, chunks = _chunking(outer, inner)
@@ -460,7 +493,7 @@ def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_
             store_fence()
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _chunk_moments_all(x, count, part_mean, part_m2):
     """Moments of every chunk of every channel, into (chunks, C) arrays."""
     outer, channels, inner = x.shape
@@ -471,7 +504,7 @@ def _chunk_moments_all(x, count, part_mean, part_m2):
         count[k], part_mean[k, c], part_m2[k, c] = _chunk_moments(x, c, k, rows, segments)
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu):
     outer, channels, inner = x.shape
     rows, segments, chunks = _chunking(outer, inner)
@@ -507,7 +540,7 @@ def _segment(x, u):
     return r, rc - r * x.shape[1], f0, min(f0 + ROW_SEGMENT, x.shape[2])
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _normalize_channels_first(x, params, y, tasks, stream):
     """y = affine(x) over the row segments; ``params`` per-channel arrays."""
     for t in prange(tasks):
@@ -519,7 +552,7 @@ def _normalize_channels_first(x, params, y, tasks, stream):
             store_fence()
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _gradient_channels_first(dy, x, params, dx, tasks, stream):
     for t in prange(tasks):
         for u in _task_segments(x, t, tasks):
@@ -618,7 +651,7 @@ def _block_gradient_sums(dy, x, inner, c0, c1, r0, r1, mean, sum_dy, sum_dy_xmu)
         sum_dy_xmu[c] = _sum(column_dy_xmu[c * inner : (c + 1) * inner])
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _forward_train_by_block(x, inner, block, weight, bias, eps, y, mean, var, stream):
     """:func:`_forward_train_by_channel` for short rows, one task per block of channels."""
     outer = x.shape[0]
@@ -656,7 +689,7 @@ def _forward_train_by_block(x, inner, block, weight, bias, eps, y, mean, var, st
             store_fence()
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream):
     """:func:`_backward_by_channel` for short rows, one task per block of channels."""
     outer = x.shape[0]
@@ -701,7 +734,7 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
             store_fence()
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _block_moments_all(x, inner, block, count, part_mean, part_m2):
     """:func:`_chunk_moments_all` for short rows: one task per chunk of a block of channels."""
     outer = x.shape[0]
@@ -716,7 +749,7 @@ def _block_moments_all(x, inner, block, count, part_mean, part_m2):
         count[k] = _block_moments(x, inner, c0, c1, r0, min(r0 + rows, outer), part_mean[k, c0:c1], part_m2[k, c0:c1])
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _block_gradient_sums_all(dy, x, inner, block, mean, part_dy, part_dy_xmu):
     outer = x.shape[0]
     channels = x.shape[1] // inner
@@ -745,7 +778,7 @@ def _block_task(x, inner, block, groups, t):
     return c0, min(c0 + block, channels), g * x.shape[0] // groups, (g + 1) * x.shape[0] // groups
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _normalize_blocks(x, inner, block, groups, params, y, stream):
     """y = affine(x); ``params`` per-channel arrays in y's dtype."""
     blocks = (x.shape[1] // inner + block - 1) // block
@@ -766,7 +799,7 @@ def _normalize_blocks(x, inner, block, groups, params, y, stream):
             store_fence()
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _gradient_blocks(dy, x, inner, block, groups, params, dx, stream):
     blocks = (x.shape[1] // inner + block - 1) // block
     for t in prange(blocks * groups):
@@ -823,7 +856,7 @@ def _columns_squared_deviations(x, r0, r1, mean_hi, mean_lo, run, total):
             total[c] += np.float64(run[c])
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _block_moments_channels_last(x, block_rows, part_mean, part_m2):
     rows, channels = x.shape
     for b in prange(part_mean.shape[0]):
@@ -846,7 +879,7 @@ def _block_moments_channels_last(x, block_rows, part_mean, part_m2):
             _columns_squared_deviations(x, r0, r1, bm, np.zeros(channels), np.empty(channels), bq)
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _block_gradient_sums_channels_last(dy, x, mean, block_rows, part_dy, part_dy_xmu):
     """In float64 throughout, as :func:`_gradient_sums`."""
     rows, channels = x.shape
@@ -862,7 +895,7 @@ def _block_gradient_sums_channels_last(dy, x, mean, block_rows, part_dy, part_dy
                 sb[c] += g * (np.float64(x[r, c]) - mean[c])
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _normalize_channels_last(x, tables, channels, y, block, stream):
     """Flat x and y of (rows, C); ``block`` elements (whole rows) per task; ``tables`` per channel."""
     for b in prange((x.shape[0] + block - 1) // block):
@@ -871,7 +904,7 @@ def _normalize_channels_last(x, tables, channels, y, block, stream):
             store_fence()
 
 
-@njit(parallel=True, **_OPTIONS)
+@_kernel
 def _gradient_channels_last(dy, x, tables, channels, dx, block, stream):
     for b in prange((x.shape[0] + block - 1) // block):
         _write_gradient(dy, x, b * block, min(b * block + block, x.shape[0]), tables, channels, dx, stream)
@@ -940,15 +973,27 @@ def _block_rows(channels):
 
 
 def _element_params(dtype, mean, *vectors):
-    """Per-channel float64 vectors as the kernels' element parameters: mean split, all in ``dtype``."""
-    hi = mean.astype(dtype)
-    return (hi, (mean - hi).astype(dtype), *(v.astype(dtype) for v in vectors))
+    """Per-channel float64 vectors as the kernels' element parameters, one row each in ``dtype``:
+    the mean split into its rounded value and the remainder, then ``vectors``."""
+    params = np.array((mean, mean, *vectors), dtype)
+    np.subtract(mean, params[0], out=params[1], casting="same_kind")
+    return params
 
 
-def _tables(params, channels, out):
-    """Per-channel vectors repeated cyclically, so that a line of ``out`` starting at any channel
-    reads its parameters from one contiguous run."""
-    return tuple(np.resize(p, channels + LINE_BYTES // out.itemsize) for p in params)
+@njit(**_OPTIONS)
+def _cyclic(params, width):
+    """The rows of ``params`` repeated cyclically to C + ``width`` entries."""
+    channels = params.shape[1]
+    table = np.empty((params.shape[0], channels + width), params.dtype)
+    for j in range(channels + width):
+        table[:, j] = params[:, j % channels]
+    return table
+
+
+def _tables(params, out):
+    """Per-channel rows repeated cyclically, so that a line of ``out`` starting at any channel reads
+    its parameters from one contiguous run."""
+    return tuple(_cyclic(params, LINE_BYTES // out.itemsize))
 
 
 def _dense(a):
@@ -1000,6 +1045,7 @@ def _segment_tasks(x):
 def forward_train(x, weight, bias, eps, y):
     """Normalize ``x`` with its own statistics into ``y``; return the per-channel mean and biased var."""
     outer, channels, inner = x.shape
+    kernels = _kernels(x)
     mean = np.empty(channels)
     var = np.empty(channels)
     if inner > 1 and _by_channel(x):
@@ -1007,9 +1053,9 @@ def forward_train(x, weight, bias, eps, y):
         x, stream = _dense(x), _streams(y)
         if _short_rows(x):
             block = _channel_block(x, fused=True)
-            _forward_train_by_block(_planes(x), inner, block, weight, bias, float(eps), target.planes(), mean, var, stream)
+            kernels.forward_train_by_block(_planes(x), inner, block, weight, bias, float(eps), target.planes(), mean, var, stream)
         else:
-            _forward_train_by_channel(x, weight, bias, float(eps), target.array, mean, var, stream)
+            kernels.forward_train_by_channel(x, weight, bias, float(eps), target.array, mean, var, stream)
         target.finish()
         return mean, var
     if inner > 1:
@@ -1019,18 +1065,19 @@ def forward_train(x, weight, bias, eps, y):
         part_mean = np.empty((chunks, channels))
         part_m2 = np.empty((chunks, channels))
         if _short_rows(x):
-            _block_moments_all(_planes(x), inner, _channel_block(x, fused=False), count, part_mean, part_m2)
+            kernels.block_moments_all(_planes(x), inner, _channel_block(x, fused=False), count, part_mean, part_m2)
         else:
-            _chunk_moments_all(x, count, part_mean, part_m2)
+            kernels.chunk_moments_all(x, count, part_mean, part_m2)
     else:
         block_rows = _block_rows(channels)
         x2 = _rows(x)
         x = x2.reshape(x.shape)
         blocks = (outer + block_rows - 1) // block_rows
-        count = np.minimum(block_rows, outer - block_rows * np.arange(blocks)).astype(np.float64)
+        count = np.full(blocks, float(block_rows))
+        count[-1] = outer - block_rows * (blocks - 1)
         part_mean = np.empty((blocks, channels))
         part_m2 = np.empty((blocks, channels))
-        _block_moments_channels_last(x2, block_rows, part_mean, part_m2)
+        kernels.block_moments_channels_last(x2, block_rows, part_mean, part_m2)
     _merge_moments(count, part_mean, part_m2, mean, var)
     _normalize(x, mean, weight * inverse_std(var, eps), bias, y)
     return mean, var
@@ -1040,17 +1087,18 @@ def _normalize(x, mean, scale, shift, y):
     outer, channels, inner = x.shape
     params = _element_params(y.dtype, mean, scale, shift)
     target = _Target(y)
+    kernels = _kernels(x)
     if inner > 1:
         x, stream = _dense(x), _streams(y)
         if _short_rows(x):
             block = _channel_block(x, fused=False)
-            _normalize_blocks(_planes(x), inner, block, _row_groups(x, block), params, target.planes(), stream)
+            kernels.normalize_blocks(_planes(x), inner, block, _row_groups(x, block), params, target.planes(), stream)
         else:
-            _normalize_channels_first(x, params, target.array, _segment_tasks(x), stream)
+            kernels.normalize_channels_first(x, params, target.array, _segment_tasks(x), stream)
     else:
-        tables = _tables(params, channels, y)
+        tables = _tables(params, y)
         block = _block_rows(channels) * channels
-        _normalize_channels_last(_rows(x).reshape(-1), tables, channels, target.flat(), block, _streams(y))
+        kernels.normalize_channels_last(_rows(x).reshape(-1), tables, channels, target.flat(), block, _streams(y))
     target.finish()
 
 
@@ -1064,6 +1112,7 @@ def normalize(x, mean, scale, shift, y):
 def backward(dy, x, mean, invstd, weight, training, dx):
     """Write dx; return the per-channel sums of dy and of dy * (x - mean)."""
     outer, channels, inner = x.shape
+    kernels = _kernels(x)
     sum_dy = np.empty(channels)
     sum_dy_xmu = np.empty(channels)
     if inner > 1 and _by_channel(x):
@@ -1071,11 +1120,11 @@ def backward(dy, x, mean, invstd, weight, training, dx):
         dy, x, stream, training = _dense(dy), _dense(x), _streams(dx), bool(training)
         if _short_rows(x):
             block = _channel_block(x, fused=True)
-            _backward_by_block(
+            kernels.backward_by_block(
                 _planes(dy), _planes(x), inner, block, mean, invstd, weight, training, target.planes(), sum_dy, sum_dy_xmu, stream
             )
         else:
-            _backward_by_channel(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, stream)
+            kernels.backward_by_channel(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, stream)
         target.finish()
         return sum_dy, sum_dy_xmu
     if inner > 1:
@@ -1085,9 +1134,9 @@ def backward(dy, x, mean, invstd, weight, training, dx):
         part_dy_xmu = np.empty((chunks, channels))
         if _short_rows(x):
             block = _channel_block(x, fused=False)
-            _block_gradient_sums_all(_planes(dy), _planes(x), inner, block, mean, part_dy, part_dy_xmu)
+            kernels.block_gradient_sums_all(_planes(dy), _planes(x), inner, block, mean, part_dy, part_dy_xmu)
         else:
-            _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu)
+            kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu)
     else:
         block_rows = _block_rows(channels)
         dy2, x2 = _rows(dy), _rows(x)
@@ -1095,7 +1144,7 @@ def backward(dy, x, mean, invstd, weight, training, dx):
         blocks = (outer + block_rows - 1) // block_rows
         part_dy = np.empty((blocks, channels))
         part_dy_xmu = np.empty((blocks, channels))
-        _block_gradient_sums_channels_last(dy2, x2, mean, block_rows, part_dy, part_dy_xmu)
+        kernels.block_gradient_sums_channels_last(dy2, x2, mean, block_rows, part_dy, part_dy_xmu)
     _sum_parts(part_dy, sum_dy)
     _sum_parts(part_dy_xmu, sum_dy_xmu)
     if not training:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
@@ -1103,18 +1152,18 @@ def backward(dy, x, mean, invstd, weight, training, dx):
         _normalize(dy, zeros, weight * invstd, zeros, dx)
         return sum_dy, sum_dy_xmu
     mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, outer * inner)
-    params = (mean, np.zeros(channels), mean_dy, k, scale)  # float64: the gradient computes wide
+    params = _element_params(np.float64, mean, mean_dy, k, scale)  # the gradient computes in float64: (mean, 0, ...)
     target = _Target(dx)
     if inner > 1:
         stream = _streams(dx)
         if _short_rows(x):
             block = _channel_block(x, fused=False)
-            _gradient_blocks(_planes(dy), _planes(x), inner, block, _row_groups(x, block), params, target.planes(), stream)
+            kernels.gradient_blocks(_planes(dy), _planes(x), inner, block, _row_groups(x, block), params, target.planes(), stream)
         else:
-            _gradient_channels_first(dy, x, params, target.array, _segment_tasks(x), stream)
+            kernels.gradient_channels_first(dy, x, params, target.array, _segment_tasks(x), stream)
     else:
-        tables = _tables(params, channels, dx)
+        tables = _tables(params, dx)
         block = _block_rows(channels) * channels
-        _gradient_channels_last(dy.reshape(-1), x.reshape(-1), tables, channels, target.flat(), block, _streams(dx))
+        kernels.gradient_channels_last(dy.reshape(-1), x.reshape(-1), tables, channels, target.flat(), block, _streams(dx))
     target.finish()
     return sum_dy, sum_dy_xmu

@@ -141,7 +141,7 @@ def _in_wider_array(a, axis, channels):
 
 
 # Every path of the Numba kernels: per-channel (or per-block) fused or chunk-parallel (channels-first),
-# direct or streaming stores, output aligned or not, channels adjacent in memory or not; shapes with
+# parallel or serial (small inputs), direct or streaming stores, output aligned or not, channels adjacent in memory or not; shapes with
 # long rows (split into segments), short rows (in blocks of channels, several statistics chunks for
 # 7x7 and rows of 7), and channel counts that do not fill a cache line.
 PATHS = [
@@ -163,9 +163,18 @@ def test_kernel_paths_agree_bitwise_and_match_the_reference(monkeypatch, shape, 
     x = random_array(shape, dtype, loc=3.0)
     dy = random_array(shape, dtype, seed=1)
     results = []
-    for stream_min, cached_slice in [(1 << 62, 1 << 62), (0, 1 << 62), (1 << 62, 0), (0, 0)]:
+    huge = 1 << 62  # no output streamed, every slice cached (fused), every input serial; 0: the opposite
+    for stream_min, cached_slice, serial_max in [
+        (huge, huge, 0),
+        (0, huge, 0),
+        (huge, 0, 0),
+        (0, 0, 0),
+        (huge, huge, huge),
+        (0, 0, huge),
+    ]:
         monkeypatch.setattr(numba_cpu, "STREAM_MIN_BYTES", stream_min)
         monkeypatch.setattr(numba_cpu, "CACHED_SLICE_BYTES", cached_slice)
+        monkeypatch.setattr(numba_cpu, "SERIAL_MAX_ELEMENTS", serial_max)
         for offset in (0, 1):  # out= one element past a line boundary: unaligned heads and tails
             out = np.empty(x.size + offset, dtype)[offset:].reshape(shape)
             y = abn.batch_norm(x, None, None, training=True, axis=axis, out=out)

@@ -14,8 +14,9 @@ import pytest
 
 import accelbn as abn
 
-# Large enough for every kernel family to run in parallel with streaming stores (8 MB outputs).
-SHAPES = [(16, 64, 48, 48), (32768, 64), (4, 2, 512, 512)]
+# Large enough for every kernel family to run in parallel with streaming stores (8 MB outputs), and
+# one small enough for the serial kernels.
+SHAPES = [(16, 64, 48, 48), (32768, 64), (4, 2, 512, 512), (32, 16, 3, 3)]
 
 
 def _work(seed):
@@ -105,7 +106,8 @@ def test_accelbn_num_threads_is_honoured_and_restored():
         import numba, numpy as np, accelbn as abn
         from accelbn.backends import numba_cpu
         abn.batch_norm(np.ones((4, 3), np.float32), None, None, training=True)
-        seen = numba_cpu._parallel_entry(numba.get_num_threads)()
+        large = np.empty(numba_cpu.SERIAL_MAX_ELEMENTS + 1)  # small inputs run serial kernels: no threads to set
+        seen = numba_cpu._parallel_entry(lambda x: numba.get_num_threads())(large)
         print(seen, numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS)
     """
     assert _run(code, ACCELBN_NUM_THREADS="1").split() == ["1", "True"]
@@ -117,7 +119,8 @@ def test_numba_set_num_threads_is_honoured():
 
     numba.set_num_threads(1)
     try:
-        assert numba_cpu._parallel_entry(numba.get_num_threads)() == 1
+        large = np.empty(numba_cpu.SERIAL_MAX_ELEMENTS + 1)
+        assert numba_cpu._parallel_entry(lambda x: numba.get_num_threads())(large) == 1
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
