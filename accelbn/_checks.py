@@ -1,6 +1,7 @@
 """Argument checks shared by the functional API and the layer. Each raises before any state changes,
 with a message that names the offending argument."""
 
+import math
 import numbers
 
 import numpy as np
@@ -122,7 +123,7 @@ def real_number(value, name, minimum=None):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not np.isfinite(value) or (minimum is not None and value < minimum):
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
         raise ValueError(f"{name} must be a finite number{bound}, got {value}")
     return value

@@ -13,8 +13,6 @@ array and copied into ``out`` at the end.
 
 import math
 
-import numpy as np
-
 from accelbn._arrays import CUPY, library_of, namespace
 
 
@@ -88,7 +86,7 @@ class Output:
         if self.view is None:
             self.view = self._xp.empty(_shape3(shape, order, n_outer), dtype=dtype)
             permuted = self.view.reshape([shape[a] for a in order])
-            self._scratch = permuted.transpose(np.argsort(order))
+            self._scratch = permuted.transpose(sorted(range(len(order)), key=order.__getitem__))
 
     def result(self):
         if self._out is None:
