@@ -917,21 +917,25 @@ def _gradient_channels_last(dy, x, tables, channels, dx, block, stream):
 
 @njit(**_OPTIONS)
 def _merge_moments(count, part_mean, part_m2, mean, var):
-    for c in range(part_mean.shape[1]):
-        n, m, m2 = 0.0, 0.0, 0.0
-        for p in range(part_mean.shape[0]):
-            n, m, m2 = _chan_merge(n, m, m2, count[p], part_mean[p, c], part_m2[p, c])
-        mean[c] = m
-        var[c] = m2 / n
+    """Merge the parts in part order into each channel's mean and biased variance. Parts go in the
+    outer loop, so the loop over channels vectorizes (thousands of row blocks for channels-last)."""
+    m2 = np.zeros(mean.shape[0])
+    mean[:] = 0.0
+    n = 0.0
+    for p in range(part_mean.shape[0]):
+        for c in range(mean.shape[0]):
+            _, mean[c], m2[c] = _chan_merge(n, mean[c], m2[c], count[p], part_mean[p, c], part_m2[p, c])
+        n += count[p]
+    for c in range(mean.shape[0]):
+        var[c] = m2[c] / n
 
 
 @njit(**_OPTIONS)
 def _sum_parts(parts, total):
-    for c in range(parts.shape[1]):
-        s = 0.0
-        for p in range(parts.shape[0]):
-            s += parts[p, c]
-        total[c] = s
+    total[:] = 0.0
+    for p in range(parts.shape[0]):
+        for c in range(parts.shape[1]):
+            total[c] += parts[p, c]
 
 
 # --- entry points: the backend interface the front calls -----------------------------------------
