@@ -144,15 +144,16 @@ _SERIAL = SimpleNamespace()
 
 
 def _kernel(function):
-    """Compile a prange kernel twice: parallel, and serial (prange runs as range), as the attribute of
-    _PARALLEL and _SERIAL named after it. Both do the same arithmetic in the same order, so they give
-    the same bits. The serial one is compiled from a renamed copy, so each has its own disk cache."""
+    """Compile a prange kernel twice: parallel (returned), and serial (prange runs as range), as the
+    attributes of _PARALLEL and _SERIAL named after it. Both do the same arithmetic in the same order,
+    so they give the same bits. The serial one is compiled from a renamed copy, so each has its own
+    disk cache."""
     name = function.__name__.lstrip("_")
     twin = FunctionType(function.__code__, function.__globals__, f"{function.__name__}_serial")
     twin.__qualname__ = twin.__name__
     setattr(_SERIAL, name, njit(**_OPTIONS)(twin))
     setattr(_PARALLEL, name, njit(parallel=True, **_OPTIONS)(function))
-    return function
+    return getattr(_PARALLEL, name)
 
 
 def _is_small(x):
