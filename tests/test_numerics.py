@@ -141,9 +141,10 @@ def _in_wider_array(a, axis, channels):
 
 
 # Every path of the Numba kernels: per-channel (or per-block) fused or chunk-parallel (channels-first),
-# parallel or serial (small inputs), direct or streaming stores, output aligned or not, channels adjacent in memory or not; shapes with
-# long rows (split into segments), short rows (in blocks of channels, several statistics chunks for
-# 7x7 and rows of 7), and channel counts that do not fill a cache line.
+# parallel or serial (small inputs), direct or streaming stores, output aligned or not, channels
+# adjacent in memory or not; shapes with long rows (split into segments), short rows (in blocks of
+# channels, several statistics chunks for 7x7 and rows of 7), and channel counts that do not fill a
+# cache line.
 PATHS = [
     ((8, 16, 37, 5), 1),
     ((200, 12, 7, 7), 1),
