@@ -20,3 +20,10 @@ def backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, count):
     elements; works per channel or on whole channel vectors.
     """
     return sum_dy / count, sum_dy_xmu * invstd * invstd / count, weight * invstd
+
+
+def gradient_factors(mean_dy, k, scale):
+    """The training gradient regrouped as dx = a * dy + b * (x - mean) + c: ``(a, b, c)`` from
+    :func:`backward_coefficients`. Two fused multiply-adds per element instead of five operations;
+    in float64 the regrouping costs nothing against a float32 dx, even where dx cancels."""
+    return scale, -scale * k, -scale * mean_dy

@@ -5,7 +5,8 @@
 intrinsic that computes one cache line of the output with SIMD instructions, from arrays at the
 same index and from per-channel parameters. It emits exactly the operations the formula spells, in
 its order and in the arrays' dtype, so a line gives the same bits as the formula applied to each
-element by ordinary Numba code (no fast-math, no contraction to FMA).
+element by ordinary Numba code (no fast-math; a fused multiply-add only where the formula calls
+:func:`fma`, which rounds once in both).
 
 Why an intrinsic: an output larger than the caches costs, with ordinary stores, a read of every line
 before it is overwritten (read for ownership) and its write. Streaming stores write whole lines
@@ -20,7 +21,7 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.core.imputils import impl_ret_borrowed
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 from numba.np.arrayobj import populate_array
 
 # Bytes in a cache line, the unit of a streaming store; streamed destinations are aligned to it.
@@ -45,6 +46,47 @@ class _Vector:
 
     def __mul__(self, other):
         return self._apply(self.builder.fmul, other)
+
+    def fma(self, b, c):
+        return _Vector(self.builder, _fused_multiply_add(self.builder, self.value, b.value, c.value))
+
+
+def _fused_multiply_add(builder, a, b, c):
+    """LLVM's ``a * b + c`` rounded once, on floats or float vectors (an FMA instruction where the
+    target has one, exact software otherwise)."""
+    kind = a.type
+    element = kind.element if isinstance(kind, ir.VectorType) else kind
+    name = f"f{64 if isinstance(element, ir.DoubleType) else 32}"
+    if isinstance(kind, ir.VectorType):
+        name = f"v{kind.count}{name}"
+    function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(kind, [kind] * 3), f"llvm.fma.{name}")
+    return builder.call(function, [a, b, c])
+
+
+def fma(a, b, c):
+    """``a * b + c`` with one rounding, for formulas: on the vectors of :func:`line_kernel`, and on
+    float scalars in Numba code (same bits either way). Not for plain Python floats."""
+    if not isinstance(a, _Vector):
+        raise TypeError("fma works in Numba code and in line_kernel formulas")
+    return a.fma(b, c)
+
+
+@intrinsic
+def _scalar_fma(typingctx, a, b, c):
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _fused_multiply_add(builder, *args)
+
+    return a(a, b, c), codegen
+
+
+@overload(fma, inline="always")
+def _fma_overload(a, b, c):
+    if isinstance(a, types.Float) and a == b == c:
+        return lambda a, b, c: _scalar_fma(a, b, c)
+    return None
 
 
 def line_kernel(formula, nontemporal, wide=False):

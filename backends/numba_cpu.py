@@ -40,8 +40,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from accelbn._formulas import backward_coefficients, inverse_std
-from accelbn.backends._lines import LINE_BYTES, line_kernel, prefetch, store_fence, unit_stride
+from accelbn._formulas import backward_coefficients, gradient_factors, inverse_std
+from accelbn.backends._lines import LINE_BYTES, fma, line_kernel, prefetch, store_fence, unit_stride
 
 # The dtypes the kernels read and write directly (Numba has no float16 on the CPU); the front
 # converts anything else to float32.
@@ -167,6 +167,7 @@ def _kernels(x):
 
 _inverse_std = njit(inline="always", error_model="numpy")(inverse_std)
 _backward_coefficients = njit(inline="always", error_model="numpy")(backward_coefficients)
+_gradient_factors = njit(inline="always", error_model="numpy")(gradient_factors)
 
 
 # --- scalars in the element dtype ---------------------------------------------------------------
@@ -300,15 +301,16 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 # The normalize pass computes in x's dtype, as PyTorch does. The mean is split into a high part (the
 # mean rounded to that dtype) and the low remainder, so x - mean keeps its accuracy however large the
 # mean is next to the spread: x - mean_hi is exact when x is near the mean (Sterbenz). The gradient
-# computes in float64 (mean_lo = 0): its two terms can cancel to far below either of them.
+# computes in float64, as a * dy + b * (x - mean) + c with two fused multiply-adds (:func:`gradient_factors`):
+# its terms can cancel to far below either of them, and float64 keeps dx's digits where they do.
 
 
 def _affine(x, mean_hi, mean_lo, scale, shift):
     return ((x - mean_hi) - mean_lo) * scale + shift
 
 
-def _gradient(dy, x, mean_hi, mean_lo, mean_dy, k, scale):
-    return ((dy - mean_dy) - ((x - mean_hi) - mean_lo) * k) * scale
+def _gradient(dy, x, mean, a, b, c):
+    return fma(x - mean, b, fma(dy, a, c))
 
 
 _affine_element = njit(inline="always", error_model="numpy")(_affine)
@@ -358,7 +360,6 @@ def _gradient_elements(dy, x, f0, f1, params, period, dx):
             _at(params[1], c),
             _at(params[2], c),
             _at(params[3], c),
-            _at(params[4], c),
         )
         c += 1
         if c == period:
@@ -482,7 +483,8 @@ def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_
         sum_dy_xmu[c] = b
         if training:
             mean_dy, k_c, scale = _backward_coefficients(a, b, invstd[c], weight[c], np.float64(outer * inner))
-            params = (mean[c], 0.0, mean_dy, k_c, scale)
+            fa, fb, fc = _gradient_factors(mean_dy, k_c, scale)
+            params = (mean[c], fa, fb, fc)
             for r in range(outer):
                 _write_gradient(dy[r, c], x[r, c], 0, inner, params, 1, dx[r, c], stream)
         else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
@@ -558,7 +560,7 @@ def _gradient_channels_first(dy, x, params, dx, tasks, stream):
     for t in prange(tasks):
         for u in _task_segments(x, t, tasks):
             r, c, f0, f1 = _segment(x, u)
-            p = (params[0][c], params[1][c], params[2][c], params[3][c], params[4][c])
+            p = (params[0][c], params[1][c], params[2][c], params[3][c])
             _write_gradient(dy[r, c], x[r, c], f0, f1, p, 1, dx[r, c], stream)
         if stream:
             store_fence()
@@ -720,7 +722,8 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
                 mean_dy[c - c0], k[c - c0], scale[c - c0] = _backward_coefficients(
                     total_dy[c - c0], total_dy_xmu[c - c0], invstd[c], weight[c], np.float64(outer * inner)
                 )
-            params = (_spread(mean[c0:c1], inner), 0.0, _spread(mean_dy, inner), _spread(k, inner), _spread(scale, inner))
+            fa, fb, fc = _gradient_factors(mean_dy, k, scale)
+            params = (_spread(mean[c0:c1], inner), _spread(fa, inner), _spread(fb, inner), _spread(fc, inner))
             for r in range(outer):
                 _write_gradient(dy[r, j0:j1], x[r, j0:j1], 0, j1 - j0, params, j1 - j0, dx[r, j0:j1], stream)
         else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
@@ -810,7 +813,6 @@ def _gradient_blocks(dy, x, inner, block, groups, params, dx, stream):
             _spread(params[1][c0:c1], inner),
             _spread(params[2][c0:c1], inner),
             _spread(params[3][c0:c1], inner),
-            _spread(params[4][c0:c1], inner),
         )
         j0 = c0 * inner
         j1 = c1 * inner
@@ -1156,8 +1158,8 @@ def backward(dy, x, mean, invstd, weight, training, dx):
         zeros = np.zeros(channels)
         _normalize(dy, zeros, weight * invstd, zeros, dx)
         return sum_dy, sum_dy_xmu
-    mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, outer * inner)
-    params = _element_params(np.float64, mean, mean_dy, k, scale)  # the gradient computes in float64: (mean, 0, ...)
+    factors = gradient_factors(*backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, outer * inner))
+    params = np.array((mean, *factors))  # the gradient computes in float64
     target = _Target(dx)
     if inner > 1:
         stream = _streams(dx)

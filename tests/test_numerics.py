@@ -208,3 +208,23 @@ def test_gradient_that_cancels_far_below_dy(backend, shape, axis):
     want, _, _ = reference_backward(dy, x, stats, None, training=True, axis=axis)
     got, _, _ = abn.batch_norm_backward(dy, x, stats, axis=axis, backend=backend)
     assert rel_error(got, want) < 2e-5
+
+
+def test_fma_rounds_once_in_scalar_code_and_in_line_kernels():
+    # The gradient's fused multiply-adds must round once on both paths (a line of SIMD lanes and the
+    # element-by-element ends), or the paths would disagree. Here a * b + c rounded twice is 0.
+    from accelbn.backends._lines import fma, line_kernel
+
+    a, b, c = 1 + 2.0**-30, 1 - 2.0**-30, -1.0
+    assert a * b + c == 0.0
+    scalar = numba.njit(lambda a, b, c: fma(a, b, c))
+    line = line_kernel(lambda a, b, c: fma(a, b, c), nontemporal=False)
+
+    @numba.njit
+    def one_line(values, b, c, out):
+        line(out, 0, (values,), (b, c), 0)
+
+    out = np.zeros(8)
+    one_line(np.full(8, a), b, c, out)
+    assert scalar(a, b, c) == -(2.0**-60)
+    np.testing.assert_array_equal(out, -(2.0**-60))
