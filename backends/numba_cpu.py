@@ -859,27 +859,66 @@ def _columns_squared_deviations(x, r0, r1, mean_hi, mean_lo, run, total):
             total[c] += np.float64(run[c])
 
 
+@njit(**_OPTIONS)
+def _row_block_moments(x, r0, r1, mean, m2):
+    """Moments of rows [r0, r1) of the (rows, C) x into mean and m2: shifted by the block's first
+    row, then squared deviations from the block's mean, each in ROW_RUN runs."""
+    channels = x.shape[1]
+    shift = x[r0].copy()
+    run = np.empty(channels, x.dtype)
+    _columns_shifted(x, r0, r1, shift, run, mean)
+    if not np.isfinite(mean).all():
+        _columns_shifted(x, r0, r1, shift.astype(np.float64), np.empty(channels), mean)
+    hi = np.empty(channels, x.dtype)
+    lo = np.empty(channels, x.dtype)
+    for c in range(channels):
+        mean[c] = np.float64(shift[c]) + mean[c] / (r1 - r0)
+        hi[c], lo[c] = _split(x, mean[c])
+    _columns_squared_deviations(x, r0, r1, hi, lo, run, m2)
+    if not np.isfinite(m2).all():
+        _columns_squared_deviations(x, r0, r1, mean, np.zeros(channels), np.empty(channels), m2)
+
+
+@njit(**_OPTIONS)
+def _affine_tables(y, mean, scale, shift):
+    """Per-channel (mean_hi, mean_lo, scale, shift) in y's dtype as :func:`_cyclic` tables."""
+    params = np.empty((4, mean.shape[0]), y.dtype)
+    for c in range(mean.shape[0]):
+        params[0, c], params[1, c] = _split(y, mean[c])
+        params[2, c] = _as_element(y, scale[c])
+        params[3, c] = _as_element(y, shift[c])
+    tables = _cyclic(params, LINE_BYTES // y.itemsize)
+    return tables[0], tables[1], tables[2], tables[3]
+
+
+# The channels-last entry points are one kernel call each, statistics, merge and element pass
+# together: at a few thousand elements, each further call from Python costs as much as the work.
+
+
 @_kernel
-def _block_moments_channels_last(x, block_rows, part_mean, part_m2):
+def _forward_train_channels_last(x, weight, bias, eps, block_rows, y, mean, var, stream):
+    """x (rows, C) C-contiguous, y flat."""
     rows, channels = x.shape
-    for b in prange(part_mean.shape[0]):
+    blocks = (rows + block_rows - 1) // block_rows
+    count = np.empty(blocks)
+    part_mean = np.empty((blocks, channels))
+    part_m2 = np.empty((blocks, channels))
+    for b in prange(blocks):
         r0 = b * block_rows
         r1 = min(r0 + block_rows, rows)
-        bm = part_mean[b]
-        bq = part_m2[b]
-        shift = x[r0].copy()
-        run = np.empty(channels, x.dtype)
-        _columns_shifted(x, r0, r1, shift, run, bm)
-        if not np.isfinite(bm).all():
-            _columns_shifted(x, r0, r1, shift.astype(np.float64), np.empty(channels), bm)
-        hi = np.empty(channels, x.dtype)
-        lo = np.empty(channels, x.dtype)
-        for c in range(channels):
-            bm[c] = np.float64(shift[c]) + bm[c] / (r1 - r0)
-            hi[c], lo[c] = _split(x, bm[c])
-        _columns_squared_deviations(x, r0, r1, hi, lo, run, bq)
-        if not np.isfinite(bq).all():
-            _columns_squared_deviations(x, r0, r1, bm, np.zeros(channels), np.empty(channels), bq)
+        count[b] = r1 - r0
+        _row_block_moments(x, r0, r1, part_mean[b], part_m2[b])
+    _merge_moments(count, part_mean, part_m2, mean, var)
+    scale = np.empty(channels)
+    for c in range(channels):
+        scale[c] = weight[c] * _inverse_std(var[c], eps)
+    tables = _affine_tables(y, mean, scale, bias)
+    flat = x.reshape(-1)
+    block = block_rows * channels
+    for b in prange(blocks):
+        _write_affine(flat, b * block, min(b * block + block, flat.shape[0]), tables, channels, y, stream)
+        if stream:
+            store_fence()
 
 
 @_kernel
@@ -899,8 +938,10 @@ def _block_gradient_sums_channels_last(dy, x, mean, block_rows, part_dy, part_dy
 
 
 @_kernel
-def _normalize_channels_last(x, tables, channels, y, block, stream):
-    """Flat x and y of (rows, C); ``block`` elements (whole rows) per task; ``tables`` per channel."""
+def _normalize_channels_last(x, mean, scale, shift, y, block, stream):
+    """Flat x and y of (rows, C); ``block`` elements (whole rows) per task."""
+    channels = mean.shape[0]
+    tables = _affine_tables(y, mean, scale, shift)
     for b in prange((x.shape[0] + block - 1) // block):
         _write_affine(x, b * block, min(b * block + block, x.shape[0]), tables, channels, y, stream)
         if stream:
@@ -1065,26 +1106,21 @@ def forward_train(x, weight, bias, eps, y):
             kernels.forward_train_by_channel(x, weight, bias, float(eps), target.array, mean, var, stream)
         target.finish()
         return mean, var
-    if inner > 1:
-        x = _dense(x)
-        chunks = _chunking(outer, inner)[2]
-        count = np.empty(chunks)
-        part_mean = np.empty((chunks, channels))
-        part_m2 = np.empty((chunks, channels))
-        if _short_rows(x):
-            kernels.block_moments_all(_planes(x), inner, _channel_block(x, fused=False), count, part_mean, part_m2)
-        else:
-            kernels.chunk_moments_all(x, count, part_mean, part_m2)
+    if inner == 1:
+        target = _Target(y)
+        stream = _streams(y)
+        kernels.forward_train_channels_last(_rows(x), weight, bias, float(eps), _block_rows(channels), target.flat(), mean, var, stream)
+        target.finish()
+        return mean, var
+    x = _dense(x)
+    chunks = _chunking(outer, inner)[2]
+    count = np.empty(chunks)
+    part_mean = np.empty((chunks, channels))
+    part_m2 = np.empty((chunks, channels))
+    if _short_rows(x):
+        kernels.block_moments_all(_planes(x), inner, _channel_block(x, fused=False), count, part_mean, part_m2)
     else:
-        block_rows = _block_rows(channels)
-        x2 = _rows(x)
-        x = x2.reshape(x.shape)
-        blocks = (outer + block_rows - 1) // block_rows
-        count = np.full(blocks, float(block_rows))
-        count[-1] = outer - block_rows * (blocks - 1)
-        part_mean = np.empty((blocks, channels))
-        part_m2 = np.empty((blocks, channels))
-        kernels.block_moments_channels_last(x2, block_rows, part_mean, part_m2)
+        kernels.chunk_moments_all(x, count, part_mean, part_m2)
     _merge_moments(count, part_mean, part_m2, mean, var)
     _normalize(x, mean, weight * inverse_std(var, eps), bias, y)
     return mean, var
@@ -1092,20 +1128,20 @@ def forward_train(x, weight, bias, eps, y):
 
 def _normalize(x, mean, scale, shift, y):
     outer, channels, inner = x.shape
-    params = _element_params(y.dtype, mean, scale, shift)
     target = _Target(y)
     kernels = _kernels(x)
-    if inner > 1:
-        x, stream = _dense(x), _streams(y)
+    stream = _streams(y)
+    if inner == 1:
+        block = _block_rows(channels) * channels
+        kernels.normalize_channels_last(_rows(x).reshape(-1), mean, scale, shift, target.flat(), block, stream)
+    else:
+        x = _dense(x)
+        params = _element_params(y.dtype, mean, scale, shift)
         if _short_rows(x):
             block = _channel_block(x, fused=False)
             kernels.normalize_blocks(_planes(x), inner, block, _row_groups(x, block), params, target.planes(), stream)
         else:
             kernels.normalize_channels_first(x, params, target.array, _segment_tasks(x), stream)
-    else:
-        tables = _tables(params, y)
-        block = _block_rows(channels) * channels
-        kernels.normalize_channels_last(_rows(x).reshape(-1), tables, channels, target.flat(), block, _streams(y))
     target.finish()
 
 
