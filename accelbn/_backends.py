@@ -55,6 +55,9 @@ _BACKENDS = {
 }
 # The backend used for each array library when ``backend=None``.
 _DEFAULTS = {NUMPY: "numba", CUPY: "cupy"}
+# Kernel modules by backend name, once found available: a backend that ran stays available for the
+# process, and asking the import system on every call would cost more than a small input's kernel.
+_RESOLVED = {}
 
 
 def available_backends():
@@ -67,6 +70,9 @@ def kernels_for(backend, library):
     """The kernel module for ``backend`` (or the default for ``library``), checked to fit ``library``."""
     if backend is None:
         backend = _DEFAULTS[library]
+    module = _RESOLVED.get(backend)
+    if module is not None and _BACKENDS[backend].library == library:
+        return module
     entry = _BACKENDS.get(backend)
     if entry is None:
         raise ValueError(f"backend must be one of {sorted(_BACKENDS)} or None, got {backend!r}")
@@ -75,4 +81,5 @@ def kernels_for(backend, library):
     missing = entry.missing()
     if missing is not None:
         raise ValueError(f"backend {backend!r} is not available: {missing}")
-    return importlib.import_module(entry.module)
+    module = _RESOLVED[backend] = importlib.import_module(entry.module)
+    return module

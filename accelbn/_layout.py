@@ -11,6 +11,7 @@ The view shares memory whenever strides allow; only inputs whose strides cannot 
 array and copied into ``out`` at the end.
 """
 
+import functools
 import math
 
 from accelbn._arrays import CUPY, library_of, namespace
@@ -21,11 +22,22 @@ def channel_order(x, axis):
 
     Axes of length 1 carry no data and go to outer; with a single channel everything else is inner.
     """
-    others = sorted((a for a in range(x.ndim) if a != axis), key=lambda a: -abs(x.strides[a]))
-    channel_stride = abs(x.strides[axis]) if x.shape[axis] > 1 else math.inf
-    outer = [a for a in others if x.shape[a] == 1 or abs(x.strides[a]) > channel_stride]
+    return _order(x.shape, x.strides, axis)
+
+
+# Remembered per shape, strides and axis: a training loop asks about the same few arrays every step.
+@functools.lru_cache(maxsize=256)
+def _order(shape, strides, axis):
+    others = sorted((a for a in range(len(shape)) if a != axis), key=lambda a: -abs(strides[a]))
+    channel_stride = abs(strides[axis]) if shape[axis] > 1 else math.inf
+    outer = [a for a in others if shape[a] == 1 or abs(strides[a]) > channel_stride]
     inner = [a for a in others if a not in outer]
     return (*outer, axis, *inner), len(outer)
+
+
+@functools.lru_cache(maxsize=256)
+def _inverse(order):
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
 
 
 def _shape3(shape, order, n_outer):
@@ -86,7 +98,7 @@ class Output:
         if self.view is None:
             self.view = self._xp.empty(_shape3(shape, order, n_outer), dtype=dtype)
             permuted = self.view.reshape([shape[a] for a in order])
-            self._scratch = permuted.transpose(sorted(range(len(order)), key=order.__getitem__))
+            self._scratch = permuted.transpose(_inverse(order))
 
     def result(self):
         if self._out is None:

@@ -140,6 +140,7 @@ def test_cupy_without_a_device_says_so(monkeypatch):
 
     monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", no_driver)
     monkeypatch.setattr(abn._backends._GpuBackend, "_device_seen", False)
+    monkeypatch.setattr(abn._backends, "_RESOLVED", {})
     with pytest.raises(ValueError, match=r"backend 'cupy' is not available: CuPy sees no CUDA device \(CUDARuntimeError"):
         abn._backends.kernels_for(None, "cupy")
     assert "cupy" not in abn.available_backends()
@@ -147,6 +148,7 @@ def test_cupy_without_a_device_says_so(monkeypatch):
 
 def test_missing_backend_says_how_to_install(monkeypatch):
     monkeypatch.setattr(abn._backends.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(abn._backends, "_RESOLVED", {})  # as in a process that never ran a backend
     with pytest.raises(ValueError, match="backend 'numba' is not available: install it with `pip install numba`"):
         abn.batch_norm(np.ones((4, C), np.float32), None, None, training=True)
     assert abn.available_backends() == ["numpy"]
