@@ -782,18 +782,24 @@ def _block_task(x, inner, block, groups, t):
     return c0, min(c0 + block, channels), g * x.shape[0] // groups, (g + 1) * x.shape[0] // groups
 
 
+@njit(**_OPTIONS)
+def _block_tables(params, c0, c1, inner):
+    """The run tables of channels [c0, c1) from the four rows of per-channel ``params``."""
+    return (
+        _spread(params[0][c0:c1], inner),
+        _spread(params[1][c0:c1], inner),
+        _spread(params[2][c0:c1], inner),
+        _spread(params[3][c0:c1], inner),
+    )
+
+
 @_kernel
 def _normalize_blocks(x, inner, block, groups, params, y, stream):
     """y = affine(x); ``params`` per-channel arrays in y's dtype."""
     blocks = (x.shape[1] // inner + block - 1) // block
     for t in prange(blocks * groups):
         c0, c1, r0, r1 = _block_task(x, inner, block, groups, t)
-        tables = (
-            _spread(params[0][c0:c1], inner),
-            _spread(params[1][c0:c1], inner),
-            _spread(params[2][c0:c1], inner),
-            _spread(params[3][c0:c1], inner),
-        )
+        tables = _block_tables(params, c0, c1, inner)
         j0 = c0 * inner
         j1 = c1 * inner
         for r in range(r0, r1):
@@ -808,12 +814,7 @@ def _gradient_blocks(dy, x, inner, block, groups, params, dx, stream):
     blocks = (x.shape[1] // inner + block - 1) // block
     for t in prange(blocks * groups):
         c0, c1, r0, r1 = _block_task(x, inner, block, groups, t)
-        tables = (
-            _spread(params[0][c0:c1], inner),
-            _spread(params[1][c0:c1], inner),
-            _spread(params[2][c0:c1], inner),
-            _spread(params[3][c0:c1], inner),
-        )
+        tables = _block_tables(params, c0, c1, inner)
         j0 = c0 * inner
         j1 = c1 * inner
         for r in range(r0, r1):
