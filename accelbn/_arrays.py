@@ -16,7 +16,7 @@ CUPY = "cupy"
 
 def library_of(a):
     """Return "numpy" or "cupy" for an array, or None for anything else."""
-    if isinstance(a, np.ndarray):
+    if type(a) is np.ndarray or isinstance(a, np.ndarray):  # the exact type is the cheap usual case
         return NUMPY
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(a, cupy.ndarray):
@@ -31,7 +31,10 @@ def namespace(library):
 
 def device_of(a):
     """A context that makes ``a``'s device current (CuPy), or does nothing (NumPy)."""
-    return a.device if library_of(a) == CUPY else contextlib.nullcontext()
+    return a.device if library_of(a) == CUPY else _NO_DEVICE
+
+
+_NO_DEVICE = contextlib.nullcontext()  # reusable, and cheaper than a new one per call
 
 
 def address_view(a):

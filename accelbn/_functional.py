@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from accelbn import _checks, _layout
-from accelbn._arrays import device_of, namespace
+from accelbn._arrays import CUPY, device_of, namespace
 from accelbn._backends import kernels_for
 from accelbn._formulas import inverse_std
 
@@ -87,29 +87,31 @@ def batch_norm(
         _checks.channel_vector(v, name, channels, library)
     for name, v in (("running_mean", running_mean), ("running_var", running_var)):
         _checks.channel_vector(v, name, channels, library, writable=training)
-    _checks.distinct_buffers(running_mean, "running_mean", running_var, "running_var")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
-    if not training and running_mean is None:
+    if training:
+        _checks.distinct_buffers(running_mean, "running_mean", running_var, "running_var")
+        count = _count_per_channel(x, axis)
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    elif running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
-    count = _count_per_channel(x, axis)
-    if training and count == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
     _checks.output_array(out, library, x, [("x", x)])
-    vectors = [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)]
-    _checks.same_device(x, [*vectors, ("out", out)])
+    if library == CUPY:
+        vectors = [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)]
+        _checks.same_device(x, [*vectors, ("out", out)])
 
     with device_of(x):
         xp = namespace(library)
         dtype = _kernel_dtype(x.dtype, kernels)
-        order = _layout.channel_order(x, axis)
-        y = _layout.Output(x, out, *order, dtype)
+        layout = _layout.channel_layout(x, axis)
+        y = _layout.Output(x, out, layout, dtype)
         weight64 = _float64_or(xp, weight, channels, 1.0)
         bias64 = _float64_or(xp, bias, channels, 0.0)
         if training and x.size == 0:  # PyTorch returns an empty y and leaves running stats alone
             mean = var = xp.full(channels, np.nan)
         elif training:
-            mean, var = kernels.forward_train(_layout.input3(x, *order, dtype), weight64, bias64, eps, y.view)
+            mean, var = kernels.forward_train(_layout.input3(x, layout, dtype), weight64, bias64, eps, y.view)
             if running_mean is not None:
                 new_mean = _blend(running_mean, mean, momentum)
                 new_var = _blend(running_var, var * (count / (count - 1)), momentum)
@@ -119,7 +121,7 @@ def batch_norm(
             mean = running_mean.astype(np.float64)
             invstd = inverse_std(running_var.astype(np.float64), eps)
             if x.size:
-                kernels.normalize(_layout.input3(x, *order, dtype), mean, weight64 * invstd, bias64, y.view)
+                kernels.normalize(_layout.input3(x, layout, dtype), mean, weight64 * invstd, bias64, y.view)
 
         result = y.result().astype(x.dtype, copy=False)
         if return_stats:
@@ -155,21 +157,21 @@ def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out
     _checks.channel_vector(weight, "weight", channels, library)
     training = _checks.boolean(training, "training")
     _checks.output_array(out, library, x, [("dy", dy), ("x", x)])
-    _checks.same_device(
-        x, [("dy", dy), ("stats.mean", stats.mean), ("stats.invstd", stats.invstd), ("weight", weight), ("out", out)]
-    )
+    if library == CUPY:
+        vectors = [("stats.mean", stats.mean), ("stats.invstd", stats.invstd), ("weight", weight)]
+        _checks.same_device(x, [("dy", dy), *vectors, ("out", out)])
 
     with device_of(x):
         xp = namespace(library)
         dtype = _kernel_dtype(x.dtype, kernels)
-        order = _layout.channel_order(x, axis)
-        dx = _layout.Output(x, out, *order, dtype)
+        layout = _layout.channel_layout(x, axis)
+        dx = _layout.Output(x, out, layout, dtype)
         mean = stats.mean.astype(np.float64)
         invstd = stats.invstd.astype(np.float64)
         if x.size:
             sum_dy, sum_dy_xmu = kernels.backward(
-                _layout.input3(dy, *order, dtype),
-                _layout.input3(x, *order, dtype),
+                _layout.input3(dy, layout, dtype),
+                _layout.input3(x, layout, dtype),
                 mean,
                 invstd,
                 _float64_or(xp, weight, channels, 1.0),

@@ -13,36 +13,45 @@ array and copied into ``out`` at the end.
 
 import functools
 import math
+from typing import NamedTuple
 
 from accelbn._arrays import CUPY, library_of, namespace
 
 
-def channel_order(x, axis):
-    """The axes of ``x`` as (outer..., axis, inner...), each part in decreasing stride order.
+class Layout(NamedTuple):
+    """Where the axes of arrays of one shape and strides go in the canonical view."""
+
+    order: tuple  # the axes as (outer..., channel, inner...)
+    n_outer: int
+    shape3: tuple  # (outer, C, inner)
+    ordered_shape: tuple  # the shape with its axes in ``order``
+    inverse: tuple  # the permutation that undoes ``order``
+    strides: tuple  # the strides this layout was found for
+    strides3: tuple | None  # their canonical strides, or None when they need a copy
+
+
+def channel_layout(x, axis):
+    """The layout of ``x`` with channel axis ``axis``: its axes ordered as (outer..., axis, inner...),
+    each part in decreasing stride order.
 
     Axes of length 1 carry no data and go to outer; with a single channel everything else is inner.
     """
-    return _order(x.shape, x.strides, axis)
+    return _layout(x.shape, x.strides, axis)
 
 
 # Remembered per shape, strides and axis: a training loop asks about the same few arrays every step.
 @functools.lru_cache(maxsize=256)
-def _order(shape, strides, axis):
+def _layout(shape, strides, axis):
     others = sorted((a for a in range(len(shape)) if a != axis), key=lambda a: -abs(strides[a]))
     channel_stride = abs(strides[axis]) if shape[axis] > 1 else math.inf
     outer = [a for a in others if shape[a] == 1 or abs(strides[a]) > channel_stride]
     inner = [a for a in others if a not in outer]
-    return (*outer, axis, *inner), len(outer)
-
-
-@functools.lru_cache(maxsize=256)
-def _inverse(order):
-    return tuple(sorted(range(len(order)), key=order.__getitem__))
-
-
-def _shape3(shape, order, n_outer):
-    sizes = [shape[a] for a in order]
-    return (math.prod(sizes[:n_outer]), sizes[n_outer], math.prod(sizes[n_outer + 1 :]))
+    order = (*outer, axis, *inner)
+    n_outer = len(outer)
+    ordered = tuple(shape[a] for a in order)
+    shape3 = (math.prod(ordered[:n_outer]), ordered[n_outer], math.prod(ordered[n_outer + 1 :]))
+    inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+    return Layout(order, n_outer, shape3, ordered, inverse, strides, merged_strides(shape, strides, order, n_outer))
 
 
 def merged_strides(shape, strides, order, n_outer):
@@ -58,26 +67,28 @@ def merged_strides(shape, strides, order, n_outer):
     return tuple(merged)
 
 
-def view3(a, order, n_outer):
-    """The canonical view of ``a`` sharing its memory, or None when strides forbid one."""
-    shape3 = _shape3(a.shape, order, n_outer)
-    if library_of(a) == CUPY:  # CuPy's reshape would copy silently; build the view from strides
-        strides3 = merged_strides(a.shape, a.strides, order, n_outer)
-        return None if strides3 is None else namespace(CUPY).lib.stride_tricks.as_strided(a, shape3, strides3)
-    try:
-        return a.transpose(order).reshape(shape3, copy=False)
-    except ValueError:
+def view3(a, layout):
+    """The canonical view of ``a`` (an array of the layout's shape) sharing its memory, or None when
+    strides forbid one."""
+    if a.strides == layout.strides:
+        strides3 = layout.strides3
+    else:
+        strides3 = merged_strides(a.shape, a.strides, layout.order, layout.n_outer)
+    if strides3 is None:
         return None
+    if library_of(a) == CUPY:  # CuPy's reshape would copy silently; build the view from strides
+        return namespace(CUPY).lib.stride_tricks.as_strided(a, layout.shape3, strides3)
+    return a.transpose(layout.order).reshape(layout.shape3)  # a view: the strides merge
 
 
-def input3(a, order, n_outer, dtype):
+def input3(a, layout, dtype):
     """The canonical view of an input, as ``dtype`` in native byte order; copies only when needed."""
     if a.dtype == dtype:
-        v = view3(a, order, n_outer)
+        v = view3(a, layout)
         if v is not None:
             return v
     xp = namespace(library_of(a))
-    return xp.ascontiguousarray(a.transpose(order), dtype=dtype).reshape(_shape3(a.shape, order, n_outer))
+    return xp.ascontiguousarray(a.transpose(layout.order), dtype=dtype).reshape(layout.shape3)
 
 
 class Output:
@@ -87,18 +98,16 @@ class Output:
     copying the scratch array into ``out`` first when one was needed.
     """
 
-    def __init__(self, x, out, order, n_outer, dtype):
-        shape = x.shape
-        self._xp = namespace(library_of(x))
+    def __init__(self, x, out, layout, dtype):
         self._out = out
         self._scratch = None
         self.view = None
         if out is not None and out.dtype == dtype:
-            self.view = view3(out, order, n_outer)
+            self.view = view3(out, layout)
         if self.view is None:
-            self.view = self._xp.empty(_shape3(shape, order, n_outer), dtype=dtype)
-            permuted = self.view.reshape([shape[a] for a in order])
-            self._scratch = permuted.transpose(_inverse(order))
+            self._xp = namespace(library_of(x))
+            self.view = self._xp.empty(layout.shape3, dtype=dtype)
+            self._scratch = self.view.reshape(layout.ordered_shape).transpose(layout.inverse)
 
     def result(self):
         if self._out is None:

@@ -1034,8 +1034,10 @@ def _cyclic(params, width):
     """The rows of ``params`` repeated cyclically to C + ``width`` entries."""
     channels = params.shape[1]
     table = np.empty((params.shape[0], channels + width), params.dtype)
-    for j in range(channels + width):
-        table[:, j] = params[:, j % channels]
+    for r in range(params.shape[0]):
+        table[r, :channels] = params[r]
+        for j in range(channels, channels + width):
+            table[r, j] = table[r, j - channels]
     return table
 
 
@@ -1061,7 +1063,7 @@ def _planes(a):
 
 def _rows(a):
     """Channels-last ``a`` as a C-contiguous (rows, C) array."""
-    return np.ascontiguousarray(a[:, :, 0])
+    return np.ascontiguousarray(a).reshape(a.shape[:2])  # an inner axis of 1 has no stride to honour
 
 
 class _Target:
@@ -1070,7 +1072,7 @@ class _Target:
 
     def __init__(self, y):
         self.y = y
-        suits = y[:, :, 0].flags.c_contiguous if y.shape[2] == 1 else _dense(y) is y
+        suits = y.flags.c_contiguous if y.shape[2] == 1 else _dense(y) is y
         self.array = y if suits else np.empty(y.shape, y.dtype)
 
     def flat(self):

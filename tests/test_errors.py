@@ -125,6 +125,14 @@ def test_out_interleaved_with_x_is_accepted():
     np.testing.assert_array_equal(out, expected)
 
 
+def test_eval_reads_running_stats_that_share_memory():
+    """Only training writes the running statistics, so only training needs them apart."""
+    x = np.random.default_rng(0).standard_normal((4, C, 5)).astype(np.float32)
+    stats = np.full(C, 0.5, np.float32)
+    expected = abn.batch_norm(x, stats.copy(), stats.copy())
+    np.testing.assert_array_equal(abn.batch_norm(x, stats, stats), expected)
+
+
 def test_backend_for_another_array_library():
     x = np.ones((4, C), np.float32)
     with pytest.raises(TypeError, match="backend 'numba' runs on numpy arrays, but x is a cupy array"):

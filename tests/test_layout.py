@@ -13,14 +13,20 @@ from accelbn._arrays import address_view
 def test_merged_strides_agree_with_numpy_reshape(name):
     make, axis = LAYOUTS[name]
     x = make()
-    order = _layout.channel_order(x, axis % x.ndim)
-    strides = _layout.merged_strides(x.shape, x.strides, *order)
-    view = _layout.view3(x, *order)
-    assert (strides is None) == (view is None)
+    layout = _layout.channel_layout(x, axis % x.ndim)
+    strides = _layout.merged_strides(x.shape, x.strides, layout.order, layout.n_outer)
+    try:
+        reshaped = x.transpose(layout.order).reshape(layout.shape3, copy=False)
+    except ValueError:
+        reshaped = None
+    assert (strides is None) == (reshaped is None)
+    view = _layout.view3(x, layout)
+    assert (view is None) == (reshaped is None)
     if view is not None:
         built = np.lib.stride_tricks.as_strided(x, view.shape, strides)
-        np.testing.assert_array_equal(built, view)
-        assert np.shares_memory(built, x)
+        np.testing.assert_array_equal(built, reshaped)
+        np.testing.assert_array_equal(view, reshaped)
+        assert np.shares_memory(built, x) and np.shares_memory(view, x)
 
 
 class _DeviceArrayStandIn:
