@@ -881,6 +881,19 @@ def _row_block_moments(x, r0, r1, mean, m2):
 
 
 @njit(**_OPTIONS)
+def _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu):
+    """Sums of dy and dy * (x - mean) over rows [r0, r1) of the (rows, C) dy and x, in float64
+    throughout, as :func:`_gradient_sums`."""
+    sum_dy[:] = 0.0
+    sum_dy_xmu[:] = 0.0
+    for r in range(r0, r1):
+        for c in range(x.shape[1]):
+            g = np.float64(dy[r, c])
+            sum_dy[c] += g
+            sum_dy_xmu[c] += g * (np.float64(x[r, c]) - mean[c])
+
+
+@njit(**_OPTIONS)
 def _affine_tables(y, mean, scale, shift):
     """Per-channel (mean_hi, mean_lo, scale, shift) in y's dtype as :func:`_cyclic` tables."""
     params = np.empty((4, mean.shape[0]), y.dtype)
@@ -923,22 +936,6 @@ def _forward_train_channels_last(x, weight, bias, eps, block_rows, y, mean, var,
 
 
 @_kernel
-def _block_gradient_sums_channels_last(dy, x, mean, block_rows, part_dy, part_dy_xmu):
-    """In float64 throughout, as :func:`_gradient_sums`."""
-    rows, channels = x.shape
-    for b in prange(part_dy.shape[0]):
-        sa = part_dy[b]
-        sb = part_dy_xmu[b]
-        sa[:] = 0.0
-        sb[:] = 0.0
-        for r in range(b * block_rows, min((b + 1) * block_rows, rows)):
-            for c in range(channels):
-                g = np.float64(dy[r, c])
-                sa[c] += g
-                sb[c] += g * (np.float64(x[r, c]) - mean[c])
-
-
-@_kernel
 def _normalize_channels_last(x, mean, scale, shift, y, block, stream):
     """Flat x and y of (rows, C); ``block`` elements (whole rows) per task."""
     channels = mean.shape[0]
@@ -950,11 +947,39 @@ def _normalize_channels_last(x, mean, scale, shift, y, block, stream):
 
 
 @_kernel
-def _gradient_channels_last(dy, x, tables, channels, dx, block, stream):
-    for b in prange((x.shape[0] + block - 1) // block):
-        _write_gradient(dy, x, b * block, min(b * block + block, x.shape[0]), tables, channels, dx, stream)
-        if stream:
-            store_fence()
+def _backward_channels_last(dy, x, mean, invstd, weight, training, block_rows, dx, sum_dy, sum_dy_xmu, stream):
+    """dy and x (rows, C) C-contiguous, dx flat."""
+    rows, channels = x.shape
+    blocks = (rows + block_rows - 1) // block_rows
+    part_dy = np.empty((blocks, channels))
+    part_dy_xmu = np.empty((blocks, channels))
+    for b in prange(blocks):
+        r0 = b * block_rows
+        _row_block_gradient_sums(dy, x, mean, r0, min(r0 + block_rows, rows), part_dy[b], part_dy_xmu[b])
+    _sum_parts(part_dy, sum_dy)
+    _sum_parts(part_dy_xmu, sum_dy_xmu)
+    flat_dy = dy.reshape(-1)
+    block = block_rows * channels
+    if training:
+        params = np.empty((4, channels))  # the gradient computes in float64
+        for c in range(channels):
+            mean_dy, k, scale = _backward_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], weight[c], np.float64(rows))
+            params[0, c] = mean[c]
+            params[1, c], params[2, c], params[3, c] = _gradient_factors(mean_dy, k, scale)
+        t = _cyclic(params, LINE_BYTES // dx.itemsize)
+        tables = (t[0], t[1], t[2], t[3])
+        flat_x = x.reshape(-1)
+        for b in prange(blocks):
+            _write_gradient(flat_dy, flat_x, b * block, min(b * block + block, flat_dy.shape[0]), tables, channels, dx, stream)
+            if stream:
+                store_fence()
+    else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+        zeros = np.zeros(channels)
+        tables = _affine_tables(dx, zeros, weight * invstd, zeros)
+        for b in prange(blocks):
+            _write_affine(flat_dy, b * block, min(b * block + block, flat_dy.shape[0]), tables, channels, dx, stream)
+            if stream:
+                store_fence()
 
 
 # --- merges of partials, in part order ------------------------------------------------------------
@@ -1039,12 +1064,6 @@ def _cyclic(params, width):
         for j in range(channels, channels + width):
             table[r, j] = table[r, j - channels]
     return table
-
-
-def _tables(params, out):
-    """Per-channel rows repeated cyclically, so that a line of ``out`` starting at any channel reads
-    its parameters from one contiguous run."""
-    return tuple(_cyclic(params, LINE_BYTES // out.itemsize))
 
 
 def _dense(a):
@@ -1161,9 +1180,17 @@ def backward(dy, x, mean, invstd, weight, training, dx):
     kernels = _kernels(x)
     sum_dy = np.empty(channels)
     sum_dy_xmu = np.empty(channels)
-    if inner > 1 and _by_channel(x):
+    stream, training = _streams(dx), bool(training)
+    if inner == 1:
         target = _Target(dx)
-        dy, x, stream, training = _dense(dy), _dense(x), _streams(dx), bool(training)
+        kernels.backward_channels_last(
+            _rows(dy), _rows(x), mean, invstd, weight, training, _block_rows(channels), target.flat(), sum_dy, sum_dy_xmu, stream
+        )
+        target.finish()
+        return sum_dy, sum_dy_xmu
+    dy, x = _dense(dy), _dense(x)
+    if _by_channel(x):
+        target = _Target(dx)
         if _short_rows(x):
             block = _channel_block(x, fused=True)
             kernels.backward_by_block(
@@ -1173,24 +1200,14 @@ def backward(dy, x, mean, invstd, weight, training, dx):
             kernels.backward_by_channel(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, stream)
         target.finish()
         return sum_dy, sum_dy_xmu
-    if inner > 1:
-        dy, x = _dense(dy), _dense(x)
-        chunks = _chunking(outer, inner)[2]
-        part_dy = np.empty((chunks, channels))
-        part_dy_xmu = np.empty((chunks, channels))
-        if _short_rows(x):
-            block = _channel_block(x, fused=False)
-            kernels.block_gradient_sums_all(_planes(dy), _planes(x), inner, block, mean, part_dy, part_dy_xmu)
-        else:
-            kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu)
+    chunks = _chunking(outer, inner)[2]
+    part_dy = np.empty((chunks, channels))
+    part_dy_xmu = np.empty((chunks, channels))
+    if _short_rows(x):
+        block = _channel_block(x, fused=False)
+        kernels.block_gradient_sums_all(_planes(dy), _planes(x), inner, block, mean, part_dy, part_dy_xmu)
     else:
-        block_rows = _block_rows(channels)
-        dy2, x2 = _rows(dy), _rows(x)
-        dy, x = dy2.reshape(dy.shape), x2.reshape(x.shape)
-        blocks = (outer + block_rows - 1) // block_rows
-        part_dy = np.empty((blocks, channels))
-        part_dy_xmu = np.empty((blocks, channels))
-        kernels.block_gradient_sums_channels_last(dy2, x2, mean, block_rows, part_dy, part_dy_xmu)
+        kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu)
     _sum_parts(part_dy, sum_dy)
     _sum_parts(part_dy_xmu, sum_dy_xmu)
     if not training:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
@@ -1200,16 +1217,10 @@ def backward(dy, x, mean, invstd, weight, training, dx):
     factors = gradient_factors(*backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, outer * inner))
     params = np.array((mean, *factors))  # the gradient computes in float64
     target = _Target(dx)
-    if inner > 1:
-        stream = _streams(dx)
-        if _short_rows(x):
-            block = _channel_block(x, fused=False)
-            kernels.gradient_blocks(_planes(dy), _planes(x), inner, block, _row_groups(x, block), params, target.planes(), stream)
-        else:
-            kernels.gradient_channels_first(dy, x, params, target.array, _segment_tasks(x), stream)
+    if _short_rows(x):
+        block = _channel_block(x, fused=False)
+        kernels.gradient_blocks(_planes(dy), _planes(x), inner, block, _row_groups(x, block), params, target.planes(), stream)
     else:
-        tables = _tables(params, dx)
-        block = _block_rows(channels) * channels
-        kernels.gradient_channels_last(dy.reshape(-1), x.reshape(-1), tables, channels, target.flat(), block, _streams(dx))
+        kernels.gradient_channels_first(dy, x, params, target.array, _segment_tasks(x), stream)
     target.finish()
     return sum_dy, sum_dy_xmu
