@@ -936,12 +936,14 @@ def _forward_train_channels_last(x, weight, bias, eps, block_rows, y, mean, var,
 
 
 @_kernel
-def _normalize_channels_last(x, mean, scale, shift, y, block, stream):
-    """Flat x and y of (rows, C); ``block`` elements (whole rows) per task."""
+def _normalize_channels_last(x, mean, scale, shift, block_rows, y, stream):
+    """x (rows, C) C-contiguous, y flat."""
     channels = mean.shape[0]
     tables = _affine_tables(y, mean, scale, shift)
-    for b in prange((x.shape[0] + block - 1) // block):
-        _write_affine(x, b * block, min(b * block + block, x.shape[0]), tables, channels, y, stream)
+    flat = x.reshape(-1)
+    block = block_rows * channels
+    for b in prange((flat.shape[0] + block - 1) // block):
+        _write_affine(flat, b * block, min(b * block + block, flat.shape[0]), tables, channels, y, stream)
         if stream:
             store_fence()
 
@@ -1154,8 +1156,7 @@ def _normalize(x, mean, scale, shift, y):
     kernels = _kernels(x)
     stream = _streams(y)
     if inner == 1:
-        block = _block_rows(channels) * channels
-        kernels.normalize_channels_last(_rows(x).reshape(-1), mean, scale, shift, target.flat(), block, stream)
+        kernels.normalize_channels_last(_rows(x), mean, scale, shift, _block_rows(channels), target.flat(), stream)
     else:
         x = _dense(x)
         params = _element_params(y.dtype, mean, scale, shift)
