@@ -86,7 +86,7 @@ def output_array(out, library, x, inputs):
     if any(stride == 0 and n > 1 for stride, n in zip(out.strides, out.shape)):
         raise ValueError("out has elements that share memory (a zero stride); pass an array with distinct elements")
     for name, a in inputs:
-        if not _same_elements(out, a) and _shares_memory(out, a):
+        if _shares_memory(out, a) and not _same_elements(out, a):
             raise ValueError(
                 f"out overlaps {name} without being {name} itself; pass {name} (in place) or a separate array"
             )
