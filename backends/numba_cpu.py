@@ -41,7 +41,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from accelbn._formulas import backward_coefficients, gradient_factors, inverse_std
-from accelbn.backends._lines import LINE_BYTES, fma, line_kernel, prefetch, store_fence, unit_stride
+from accelbn.backends._lines import LINE_BYTES, column_kernel, fma, line_kernel, prefetch, store_fence, unit_stride
 
 # The dtypes the kernels read and write directly (Numba has no float16 on the CPU); the front
 # converts anything else to float32.
@@ -834,29 +834,65 @@ def _gradient_blocks(dy, x, inner, block, groups, params, dx, stream):
 ROW_RUN = 16
 
 
+def _shifted(x, shift):
+    return x - shift
+
+
+def _squared_deviation(x, mean_hi, mean_lo):
+    d = (x - mean_hi) - mean_lo
+    return d * d
+
+
+_shifted_element = njit(inline="always", error_model="numpy")(_shifted)
+_squared_deviation_element = njit(inline="always", error_model="numpy")(_squared_deviation)
+# Columns in strips of COLUMN_LINES cache lines, then single lines, then one by one.
+COLUMN_LINES = 4
+_shifted_strip = column_kernel(_shifted, COLUMN_LINES)
+_shifted_line = column_kernel(_shifted, 1)
+_squared_deviation_strip = column_kernel(_squared_deviation, COLUMN_LINES)
+_squared_deviation_line = column_kernel(_squared_deviation, 1)
+
+
 @njit(**_OPTIONS)
 def _columns_shifted(x, r0, r1, shift, run, total):
     """total[c] = sum of x[r, c] - shift[c] over rows [r0, r1), in runs accumulated in run's dtype."""
     total[:] = 0.0
+    channels = x.shape[1]
+    line = LINE_BYTES // x.itemsize
+    strips_end = channels - channels % (COLUMN_LINES * line)
+    lines_end = channels - channels % line
     for q in range(r0, r1, ROW_RUN):
-        run[:] = 0.0
-        for r in range(q, min(q + ROW_RUN, r1)):
-            for c in range(x.shape[1]):
-                run[c] += x[r, c] - shift[c]
-        for c in range(x.shape[1]):
+        q1 = min(q + ROW_RUN, r1)
+        for c in range(0, strips_end, COLUMN_LINES * line):
+            _shifted_strip(run, x, q, q1, c, (shift,))
+        for c in range(strips_end, lines_end, line):
+            _shifted_line(run, x, q, q1, c, (shift,))
+        for c in range(lines_end, channels):
+            run[c] = 0.0
+            for r in range(q, q1):
+                run[c] += _shifted_element(x[r, c], shift[c])
+        for c in range(channels):
             total[c] += np.float64(run[c])
 
 
 @njit(**_OPTIONS)
 def _columns_squared_deviations(x, r0, r1, mean_hi, mean_lo, run, total):
     total[:] = 0.0
+    channels = x.shape[1]
+    line = LINE_BYTES // x.itemsize
+    strips_end = channels - channels % (COLUMN_LINES * line)
+    lines_end = channels - channels % line
     for q in range(r0, r1, ROW_RUN):
-        run[:] = 0.0
-        for r in range(q, min(q + ROW_RUN, r1)):
-            for c in range(x.shape[1]):
-                d = (x[r, c] - mean_hi[c]) - mean_lo[c]
-                run[c] += d * d
-        for c in range(x.shape[1]):
+        q1 = min(q + ROW_RUN, r1)
+        for c in range(0, strips_end, COLUMN_LINES * line):
+            _squared_deviation_strip(run, x, q, q1, c, (mean_hi, mean_lo))
+        for c in range(strips_end, lines_end, line):
+            _squared_deviation_line(run, x, q, q1, c, (mean_hi, mean_lo))
+        for c in range(lines_end, channels):
+            run[c] = 0.0
+            for r in range(q, q1):
+                run[c] += _squared_deviation_element(x[r, c], mean_hi[c], mean_lo[c])
+        for c in range(channels):
             total[c] += np.float64(run[c])
 
 

@@ -228,3 +228,35 @@ def test_fma_rounds_once_in_scalar_code_and_in_line_kernels():
     one_line(np.full(8, a), b, c, out)
     assert scalar(a, b, c) == -(2.0**-60)
     np.testing.assert_array_equal(out, -(2.0**-60))
+
+
+@pytest.mark.parametrize(
+    "x_dtype, run_dtype", [(np.float32, np.float32), (np.float64, np.float64), (np.float32, np.float64)]
+)
+def test_column_kernels_sum_each_column_row_after_row(x_dtype, run_dtype):
+    # The channels-last statistics sum columns a strip of cache lines at a time, in registers; each
+    # column must get exactly the row-by-row sum that a scalar loop computes. 85 columns: strips,
+    # a single line and a scalar tail for float32; 37 rows: runs of ROW_RUN and a short last run.
+    from accelbn.backends import numba_cpu
+
+    x = random_array((37, 85), x_dtype, loc=3.0)
+    shift = x[0].astype(run_dtype)
+    hi = (x.mean(axis=0) + 0.1).astype(run_dtype)
+    lo = np.full(85, 1e-3, run_dtype)
+    run = np.empty(85, run_dtype)
+
+    def row_after_row(term):
+        total = np.zeros(85)
+        for q in range(1, 37, numba_cpu.ROW_RUN):
+            sums = np.zeros(85, run_dtype)
+            for r in range(q, min(q + numba_cpu.ROW_RUN, 37)):
+                sums = sums + term(x[r].astype(run_dtype))
+            total += sums
+        return total
+
+    shifted = np.empty(85)
+    numba_cpu._columns_shifted(x, 1, 37, shift, run, shifted)
+    assert shifted.tobytes() == row_after_row(lambda row: row - shift).tobytes()
+    squared = np.empty(85)
+    numba_cpu._columns_squared_deviations(x, 1, 37, hi, lo, run, squared)
+    assert squared.tobytes() == row_after_row(lambda row: ((row - hi) - lo) * ((row - hi) - lo)).tobytes()
