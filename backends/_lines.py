@@ -171,43 +171,53 @@ def line_kernel(formula, nontemporal, wide=False):
 
 
 def column_kernel(formula, lines):
-    """An intrinsic ``column(run, x, r0, r1, c, params)`` for ``lines`` cache lines of columns: each
-    ``run[j]`` for j in [c, c + lines * W), where W elements of the C-contiguous 2-d ``x`` fill a
-    line, set to the sum over rows r0, r0 + 1, ..., r1 - 1, in that order, of
-    ``formula(x[r, j], *params)`` (``params`` as in :func:`line_kernel`).
+    """An intrinsic ``column(runs, arrays, r0, r1, c, params)`` for ``lines`` cache lines of columns:
+    for each j in [c, c + lines * W), where W elements of the arrays fill a line, adds to
+    ``runs[k][j]`` the k-th term of ``formula(*(a[r, j] for a in arrays), *params)`` (one term, or
+    a tuple of them) for the rows r = r0, r0 + 1, ..., r1 - 1, in that order.
 
-    Each element computes exactly what ``run[j] = 0; run[j] += formula(x[r, j], ...)`` does in a
-    loop over r, in run's dtype; the sums stay in registers across the rows instead of going through
-    memory at every row, and the lines' sums are independent chains that the core overlaps.
+    ``arrays`` is a tuple of C-contiguous 2-d arrays of one dtype, ``runs`` a tuple of 1-d arrays of
+    the dtype the sums run in (the arrays' own, or float64 for wider sums); ``params`` as in
+    :func:`line_kernel`. Each element computes exactly what ``run[j] += term`` does in a loop over
+    r; the sums stay in registers across the rows instead of going through memory at every row,
+    and the lines' sums are independent chains that the core overlaps.
     """
 
     @intrinsic
-    def column(typingctx, run, x, r0, r1, c, params):
-        if not (isinstance(run, types.Array) and isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C"):
+    def column(typingctx, runs, arrays, r0, r1, c, params):
+        if not (isinstance(runs, types.BaseTuple) and isinstance(arrays, types.BaseTuple) and isinstance(params, types.BaseTuple)):
             return None
-        if not (all(isinstance(i, types.Integer) for i in (r0, r1, c)) and isinstance(params, types.BaseTuple)):
+        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
+            return None
+        if not (all(isinstance(i, types.Integer) for i in (r0, r1, c)) and len({run.dtype for run in runs}) == 1):
             return None
 
         def codegen(context, builder, signature, args):
-            run_type, x_type, r0_type, r1_type, c_type, params_type = signature.args
-            lanes = LINE_BYTES // context.get_abi_sizeof(context.get_data_type(x_type.dtype))
-            vectors = _LineVectors(context, builder, lanes, run_type.dtype)
+            runs_type, arrays_type, r0_type, r1_type, c_type, params_type = signature.args
+            lanes = LINE_BYTES // context.get_abi_sizeof(context.get_data_type(arrays_type[0].dtype))
+            vectors = _LineVectors(context, builder, lanes, runs_type[0].dtype)
             first, stop, channel = (
                 context.cast(builder, value, kind, types.intp) for value, kind in zip(args[2:5], (r0_type, r1_type, c_type))
             )
             starts = [builder.add(channel, ir.Constant(channel.type, k * lanes)) for k in range(lines)]
             values = [vectors.params(params_type, args[5], start) for start in starts]
-            totals = [cgutils.alloca_once_value(builder, ir.Constant(vectors.compute, None)) for _ in starts]
+            totals = [
+                [cgutils.alloca_once_value(builder, vectors.load(kind, builder.extract_value(args[0], k), [start]).value) for k, kind in enumerate(runs_type)]
+                for start in starts
+            ]
             with cgutils.for_range_slice(builder, first, stop, ir.Constant(first.type, 1)) as (row, _):
-                for start, value, total in zip(starts, values, totals):
-                    term = formula(vectors.load(x_type, args[1], [row, start]), *value)
-                    builder.store((_Vector(builder, builder.load(total)) + term).value, total)
-            align = run_type.dtype.bitwidth // 8
-            for start, total in zip(starts, totals):
-                builder.store(builder.load(total), vectors.pointer(run_type, args[0], [start]), align=align)
+                for start, value, line_totals in zip(starts, values, totals):
+                    inputs = [vectors.load(kind, builder.extract_value(args[1], k), [row, start]) for k, kind in enumerate(arrays_type)]
+                    terms = formula(*inputs, *value)
+                    for term, total in zip(terms if isinstance(terms, tuple) else (terms,), line_totals):
+                        builder.store((_Vector(builder, builder.load(total)) + term).value, total)
+            for start, line_totals in zip(starts, totals):
+                for k, (kind, total) in enumerate(zip(runs_type, line_totals)):
+                    pointer = vectors.pointer(kind, builder.extract_value(args[0], k), [start])
+                    builder.store(builder.load(total), pointer, align=kind.dtype.bitwidth // 8)
             return context.get_dummy_value()
 
-        return types.void(run, x, r0, r1, c, params), codegen
+        return types.void(runs, arrays, r0, r1, c, params), codegen
 
     return column
 

@@ -260,3 +260,21 @@ def test_column_kernels_sum_each_column_row_after_row(x_dtype, run_dtype):
     squared = np.empty(85)
     numba_cpu._columns_squared_deviations(x, 1, 37, hi, lo, run, squared)
     assert squared.tobytes() == row_after_row(lambda row: ((row - hi) - lo) * ((row - hi) - lo)).tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_last_gradient_sums_go_row_after_row_in_float64(dtype):
+    from accelbn.backends import numba_cpu
+
+    x = random_array((37, 85), dtype, loc=3.0)
+    dy = random_array((37, 85), dtype, seed=1)
+    mean = x.mean(axis=0, dtype=np.float64) + 0.1
+    want_dy, want_dy_xmu = np.zeros(85), np.zeros(85)
+    for r in range(1, 37):
+        g = dy[r].astype(np.float64)
+        want_dy = want_dy + g
+        want_dy_xmu = want_dy_xmu + g * (x[r].astype(np.float64) - mean)
+    sum_dy, sum_dy_xmu = np.empty(85), np.empty(85)
+    numba_cpu._row_block_gradient_sums(dy, x, mean, 1, 37, sum_dy, sum_dy_xmu)
+    assert sum_dy.tobytes() == want_dy.tobytes()
+    assert sum_dy_xmu.tobytes() == want_dy_xmu.tobytes()
