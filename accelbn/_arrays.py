@@ -16,7 +16,7 @@ CUPY = "cupy"
 
 def library_of(a):
     """Return "numpy" or "cupy" for an array, or None for anything else."""
-    if type(a) is np.ndarray or isinstance(a, np.ndarray):  # the exact type is the cheap usual case
+    if isinstance(a, np.ndarray):
         return NUMPY
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(a, cupy.ndarray):

@@ -859,14 +859,21 @@ _squared_deviation_strip = column_kernel(_squared_deviation, COLUMN_LINES)
 _squared_deviation_line = column_kernel(_squared_deviation, 1)
 
 
+@njit(inline="always")
+def _column_ends(x, lines):
+    """(columns per cache line of x, where x's strips of ``lines`` lines of columns end, where its
+    whole lines end): the columns from there on are summed one by one."""
+    line = LINE_BYTES // x.itemsize
+    channels = x.shape[1]
+    return line, channels - channels % (lines * line), channels - channels % line
+
+
 @njit(**_OPTIONS)
 def _columns_shifted(x, r0, r1, shift, run, total):
     """total[c] = sum of x[r, c] - shift[c] over rows [r0, r1), in runs accumulated in run's dtype."""
     total[:] = 0.0
     channels = x.shape[1]
-    line = LINE_BYTES // x.itemsize
-    strips_end = channels - channels % (COLUMN_LINES * line)
-    lines_end = channels - channels % line
+    line, strips_end, lines_end = _column_ends(x, COLUMN_LINES)
     for q in range(r0, r1, ROW_RUN):
         q1 = min(q + ROW_RUN, r1)
         run[:] = 0.0
@@ -887,9 +894,7 @@ def _columns_shifted(x, r0, r1, shift, run, total):
 def _columns_squared_deviations(x, r0, r1, mean_hi, mean_lo, run, total):
     total[:] = 0.0
     channels = x.shape[1]
-    line = LINE_BYTES // x.itemsize
-    strips_end = channels - channels % (COLUMN_LINES * line)
-    lines_end = channels - channels % line
+    line, strips_end, lines_end = _column_ends(x, COLUMN_LINES)
     for q in range(r0, r1, ROW_RUN):
         q1 = min(q + ROW_RUN, r1)
         run[:] = 0.0
@@ -929,7 +934,7 @@ def _gradient_terms(dy, x, mean):
 
 
 _gradient_terms_element = njit(inline="always", error_model="numpy")(_gradient_terms)
-# Two sums per column in float64: strips of two lines keep their sums within the registers.
+# Two float64 sums per column, each line's sum two or four registers: strips of two lines.
 GRADIENT_COLUMN_LINES = 2
 _gradient_terms_strip = column_kernel(_gradient_terms, GRADIENT_COLUMN_LINES)
 _gradient_terms_line = column_kernel(_gradient_terms, 1)
@@ -943,9 +948,7 @@ def _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu):
     sum_dy_xmu[:] = 0.0
     sums = (sum_dy, sum_dy_xmu)
     channels = x.shape[1]
-    line = LINE_BYTES // x.itemsize
-    strips_end = channels - channels % (GRADIENT_COLUMN_LINES * line)
-    lines_end = channels - channels % line
+    line, strips_end, lines_end = _column_ends(x, GRADIENT_COLUMN_LINES)
     for q in range(r0, r1, STREAM_ROW_RUN):
         q1 = min(q + STREAM_ROW_RUN, r1)
         for c in range(0, strips_end, GRADIENT_COLUMN_LINES * line):
