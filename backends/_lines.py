@@ -22,7 +22,7 @@ with the bits) of a scalar loop over the rows.
 """
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
@@ -170,44 +170,47 @@ def line_kernel(formula, nontemporal, wide=False):
     return line
 
 
-def column_kernel(formula, lines):
-    """An intrinsic ``column(runs, arrays, r0, r1, c, params)`` for ``lines`` cache lines of columns:
-    for each j in [c, c + lines * W), where W elements of the arrays fill a line, adds to
-    ``runs[k][j]`` the k-th term of ``formula(*(a[r, j] for a in arrays), *params)`` (one term, or
-    a tuple of them) for the rows r = r0, r0 + 1, ..., r1 - 1, in that order.
+def column_kernel(formula, lines, lanes=None):
+    """An intrinsic ``column(runs, arrays, offset, r0, r1, c, params)`` for ``lines`` lines of
+    columns: for each j in [c, c + lines * W), adds to ``runs[k][j]`` the k-th term of
+    ``formula(*(a[r, offset + j] for a in arrays), *params)`` (one term, or a tuple of them) for the
+    rows r = r0, r0 + 1, ..., r1 - 1, in that order. A line is W = ``lanes`` columns, by default as
+    many as fill a cache line of the arrays.
 
-    ``arrays`` is a tuple of C-contiguous 2-d arrays of one dtype, ``runs`` a tuple of 1-d arrays of
+    ``arrays`` is a tuple of 2-d arrays of one dtype whose rows have unit stride (the caller vouches
+    for it, as for :func:`unit_stride`), ``runs`` a tuple of 1-d arrays of
     the dtype the sums run in (the arrays' own, or float64 for wider sums); ``params`` as in
-    :func:`line_kernel`. Each element computes exactly what ``run[j] += term`` does in a loop over
-    r; the sums stay in registers across the rows instead of going through memory at every row,
-    and the lines' sums are independent chains that the core overlaps.
+    :func:`line_kernel`, read at ``j``. Each element computes exactly what ``run[j] += term`` does in
+    a loop over r; the sums stay in registers across the rows instead of going through memory at
+    every row, and the lines' sums are independent chains that the core overlaps.
     """
 
     @intrinsic
-    def column(typingctx, runs, arrays, r0, r1, c, params):
+    def column(typingctx, runs, arrays, offset, r0, r1, c, params):
         if not (isinstance(runs, types.BaseTuple) and isinstance(arrays, types.BaseTuple) and isinstance(params, types.BaseTuple)):
             return None
-        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
+        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout != "F" for a in arrays):
             return None
-        if not (all(isinstance(i, types.Integer) for i in (r0, r1, c)) and len({run.dtype for run in runs}) == 1):
+        if not (all(isinstance(i, types.Integer) for i in (offset, r0, r1, c)) and len({run.dtype for run in runs}) == 1):
             return None
 
         def codegen(context, builder, signature, args):
-            runs_type, arrays_type, r0_type, r1_type, c_type, params_type = signature.args
-            lanes = LINE_BYTES // context.get_abi_sizeof(context.get_data_type(arrays_type[0].dtype))
-            vectors = _LineVectors(context, builder, lanes, runs_type[0].dtype)
-            first, stop, channel = (
-                context.cast(builder, value, kind, types.intp) for value, kind in zip(args[2:5], (r0_type, r1_type, c_type))
+            runs_type, arrays_type, *index_types, params_type = signature.args
+            width = lanes or LINE_BYTES // context.get_abi_sizeof(context.get_data_type(arrays_type[0].dtype))
+            vectors = _LineVectors(context, builder, width, runs_type[0].dtype)
+            shift, first, stop, channel = (
+                context.cast(builder, value, kind, types.intp) for value, kind in zip(args[2:6], index_types)
             )
-            starts = [builder.add(channel, ir.Constant(channel.type, k * lanes)) for k in range(lines)]
-            values = [vectors.params(params_type, args[5], start) for start in starts]
+            starts = [builder.add(channel, ir.Constant(channel.type, k * width)) for k in range(lines)]
+            values = [vectors.params(params_type, args[6], start) for start in starts]
             totals = [
                 [cgutils.alloca_once_value(builder, vectors.load(kind, builder.extract_value(args[0], k), [start]).value) for k, kind in enumerate(runs_type)]
                 for start in starts
             ]
             with cgutils.for_range_slice(builder, first, stop, ir.Constant(first.type, 1)) as (row, _):
                 for start, value, line_totals in zip(starts, values, totals):
-                    inputs = [vectors.load(kind, builder.extract_value(args[1], k), [row, start]) for k, kind in enumerate(arrays_type)]
+                    column_index = builder.add(shift, start)
+                    inputs = [vectors.load(kind, builder.extract_value(args[1], k), [row, column_index]) for k, kind in enumerate(arrays_type)]
                     terms = formula(*inputs, *value)
                     for term, total in zip(terms if isinstance(terms, tuple) else (terms,), line_totals):
                         builder.store((_Vector(builder, builder.load(total)) + term).value, total)
@@ -217,9 +220,32 @@ def column_kernel(formula, lines):
                     builder.store(builder.load(total), pointer, align=kind.dtype.bitwidth // 8)
             return context.get_dummy_value()
 
-        return types.void(runs, arrays, r0, r1, c, params), codegen
+        return types.void(runs, arrays, offset, r0, r1, c, params), codegen
 
     return column
+
+
+def column_sweep(formula, lines):
+    """A Numba function ``sweep(runs, arrays, offset, r0, r1, width, params)``: :func:`column_kernel`
+    over the columns [0, width), in strips of ``lines`` cache lines, then single lines, then single
+    columns (each of them summed row after row, as every column is)."""
+    strip = column_kernel(formula, lines)
+    one_line = column_kernel(formula, 1)
+    one_column = column_kernel(formula, 1, lanes=1)
+
+    @njit(error_model="numpy", nogil=True)
+    def sweep(runs, arrays, offset, r0, r1, width, params):
+        line = LINE_BYTES // arrays[0].itemsize
+        strips_end = width - width % (lines * line)
+        lines_end = width - width % line
+        for c in range(0, strips_end, lines * line):
+            strip(runs, arrays, offset, r0, r1, c, params)
+        for c in range(strips_end, lines_end, line):
+            one_line(runs, arrays, offset, r0, r1, c, params)
+        for c in range(lines_end, width):
+            one_column(runs, arrays, offset, r0, r1, c, params)
+
+    return sweep
 
 
 @intrinsic

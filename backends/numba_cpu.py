@@ -41,7 +41,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from accelbn._formulas import backward_coefficients, gradient_factors, inverse_std
-from accelbn.backends._lines import LINE_BYTES, column_kernel, fma, line_kernel, prefetch, store_fence, unit_stride
+from accelbn.backends._lines import LINE_BYTES, column_sweep, fma, line_kernel, prefetch, store_fence, unit_stride
 
 # The dtypes the kernels read and write directly (Numba has no float16 on the CPU); the front
 # converts anything else to float32.
@@ -599,6 +599,33 @@ def _prefetch_run(x, r, r1, j0, width):
         prefetch(row, j0 + width - 1)
 
 
+# --- column sums: down the rows first, in registers ----------------------------------------------
+
+
+def _shifted(x, shift):
+    return x - shift
+
+
+def _squared_deviation(x, mean_hi, mean_lo):
+    d = (x - mean_hi) - mean_lo
+    return d * d
+
+
+def _gradient_terms(dy, x, mean):
+    return dy, dy * (x - mean)
+
+
+# Column sums with the sums held in registers (column_sweep), in strips of four cache lines, or of
+# two for the gradient's two float64 sums per column.
+_shifted_columns = column_sweep(_shifted, 4)
+_squared_deviation_columns = column_sweep(_squared_deviation, 4)
+_gradient_columns = column_sweep(_gradient_terms, 2)
+# Rows per sweep over the columns where rows come from memory: few enough that the rows stream in
+# order (NHWC 64x56x56x256 backward: sweeps of 2, 4, 8 and 16 rows took 2.30, 1.96, 2.35 and 2.5
+# times a copy).
+STREAM_ROW_RUN = 4
+
+
 @njit(**_OPTIONS)
 def _block_moments(x, inner, c0, c1, r0, r1, mean, m2):
     """Moments of rows [r0, r1) of channels [c0, c1) into mean and m2 (indexed from c0); returns the
@@ -611,21 +638,17 @@ def _block_moments(x, inner, c0, c1, r0, r1, mean, m2):
     shift = np.empty(width)
     for c in range(c1 - c0):
         shift[c * inner : (c + 1) * inner] = np.float64(x[r0, j0 + c * inner])
-    for r in range(r0, r1):
-        _prefetch_run(x, r + PREFETCH_ROWS, r1, j0, width)
-        row = unit_stride(x[r, j0 : j0 + width])
-        for j in range(width):
-            column[j] += np.float64(row[j]) - shift[j]
+    for q in range(r0, r1, STREAM_ROW_RUN):
+        q1 = min(q + STREAM_ROW_RUN, r1)
+        for r in range(q1, q1 + STREAM_ROW_RUN):
+            _prefetch_run(x, r, r1, j0, width)
+        _shifted_columns((column,), (x,), j0, q, q1, width, (shift,))
     n = np.float64((r1 - r0) * inner)
     for c in range(c1 - c0):
         mean[c] = shift[c * inner] + _sum(column[c * inner : (c + 1) * inner]) / n
         shift[c * inner : (c + 1) * inner] = mean[c]
     column[:] = 0.0
-    for r in range(r0, r1):
-        row = unit_stride(x[r, j0 : j0 + width])
-        for j in range(width):
-            d = np.float64(row[j]) - shift[j]
-            column[j] += d * d
+    _squared_deviation_columns((column,), (x,), j0, r0, r1, width, (shift, np.zeros(width)))
     for c in range(c1 - c0):
         m2[c] = _sum(column[c * inner : (c + 1) * inner])
     return n
@@ -642,15 +665,12 @@ def _block_gradient_sums(dy, x, inner, c0, c1, r0, r1, mean, sum_dy, sum_dy_xmu)
     center = np.empty(width)
     for c in range(c0, c1):
         center[(c - c0) * inner : (c - c0 + 1) * inner] = mean[c]
-    for r in range(r0, r1):
-        _prefetch_run(dy, r + PREFETCH_ROWS, r1, j0, width)
-        _prefetch_run(x, r + PREFETCH_ROWS, r1, j0, width)
-        dy_row = unit_stride(dy[r, j0 : j0 + width])
-        x_row = unit_stride(x[r, j0 : j0 + width])
-        for j in range(width):
-            g = np.float64(dy_row[j])
-            column_dy[j] += g
-            column_dy_xmu[j] += g * (np.float64(x_row[j]) - center[j])
+    for q in range(r0, r1, STREAM_ROW_RUN):
+        q1 = min(q + STREAM_ROW_RUN, r1)
+        for r in range(q1, q1 + STREAM_ROW_RUN):
+            _prefetch_run(dy, r, r1, j0, width)
+            _prefetch_run(x, r, r1, j0, width)
+        _gradient_columns((column_dy, column_dy_xmu), (dy, x), j0, q, q1, width, (center,))
     for c in range(c1 - c0):
         sum_dy[c] = _sum(column_dy[c * inner : (c + 1) * inner])
         sum_dy_xmu[c] = _sum(column_dy_xmu[c * inner : (c + 1) * inner])
@@ -836,76 +856,26 @@ def _gradient_blocks(dy, x, inner, block, groups, params, dx, stream):
 ROW_RUN = 16
 
 
-def _shifted(x, shift):
-    return x - shift
-
-
-def _squared_deviation(x, mean_hi, mean_lo):
-    d = (x - mean_hi) - mean_lo
-    return d * d
-
-
-_shifted_element = njit(inline="always", error_model="numpy")(_shifted)
-_squared_deviation_element = njit(inline="always", error_model="numpy")(_squared_deviation)
-# Columns in strips of COLUMN_LINES cache lines, then single lines, then one by one.
-COLUMN_LINES = 4
-# Rows per sweep over the columns where rows come from memory: few enough that the rows stream in
-# order (NHWC 64x56x56x256 backward: sweeps of 2, 4, 8 and 16 rows took 2.30, 1.96, 2.35 and 2.5
-# times a copy).
-STREAM_ROW_RUN = 4
-_shifted_strip = column_kernel(_shifted, COLUMN_LINES)
-_shifted_line = column_kernel(_shifted, 1)
-_squared_deviation_strip = column_kernel(_squared_deviation, COLUMN_LINES)
-_squared_deviation_line = column_kernel(_squared_deviation, 1)
-
-
-@njit(inline="always")
-def _column_ends(x, lines):
-    """(columns per cache line of x, where x's strips of ``lines`` lines of columns end, where its
-    whole lines end): the columns from there on are summed one by one."""
-    line = LINE_BYTES // x.itemsize
-    channels = x.shape[1]
-    return line, channels - channels % (lines * line), channels - channels % line
-
-
 @njit(**_OPTIONS)
 def _columns_shifted(x, r0, r1, shift, run, total):
     """total[c] = sum of x[r, c] - shift[c] over rows [r0, r1), in runs accumulated in run's dtype."""
     total[:] = 0.0
-    channels = x.shape[1]
-    line, strips_end, lines_end = _column_ends(x, COLUMN_LINES)
     for q in range(r0, r1, ROW_RUN):
         q1 = min(q + ROW_RUN, r1)
         run[:] = 0.0
         for p in range(q, q1, STREAM_ROW_RUN):
-            p1 = min(p + STREAM_ROW_RUN, q1)
-            for c in range(0, strips_end, COLUMN_LINES * line):
-                _shifted_strip((run,), (x,), p, p1, c, (shift,))
-            for c in range(strips_end, lines_end, line):
-                _shifted_line((run,), (x,), p, p1, c, (shift,))
-        for c in range(lines_end, channels):
-            for r in range(q, q1):
-                run[c] += _shifted_element(x[r, c], shift[c])
-        for c in range(channels):
+            _shifted_columns((run,), (x,), 0, p, min(p + STREAM_ROW_RUN, q1), x.shape[1], (shift,))
+        for c in range(x.shape[1]):
             total[c] += np.float64(run[c])
 
 
 @njit(**_OPTIONS)
 def _columns_squared_deviations(x, r0, r1, mean_hi, mean_lo, run, total):
     total[:] = 0.0
-    channels = x.shape[1]
-    line, strips_end, lines_end = _column_ends(x, COLUMN_LINES)
     for q in range(r0, r1, ROW_RUN):
-        q1 = min(q + ROW_RUN, r1)
         run[:] = 0.0
-        for c in range(0, strips_end, COLUMN_LINES * line):
-            _squared_deviation_strip((run,), (x,), q, q1, c, (mean_hi, mean_lo))
-        for c in range(strips_end, lines_end, line):
-            _squared_deviation_line((run,), (x,), q, q1, c, (mean_hi, mean_lo))
-        for c in range(lines_end, channels):
-            for r in range(q, q1):
-                run[c] += _squared_deviation_element(x[r, c], mean_hi[c], mean_lo[c])
-        for c in range(channels):
+        _squared_deviation_columns((run,), (x,), 0, q, min(q + ROW_RUN, r1), x.shape[1], (mean_hi, mean_lo))
+        for c in range(x.shape[1]):
             total[c] += np.float64(run[c])
 
 
@@ -929,37 +899,14 @@ def _row_block_moments(x, r0, r1, mean, m2):
         _columns_squared_deviations(x, r0, r1, mean, np.zeros(channels), np.empty(channels), m2)
 
 
-def _gradient_terms(dy, x, mean):
-    return dy, dy * (x - mean)
-
-
-_gradient_terms_element = njit(inline="always", error_model="numpy")(_gradient_terms)
-# Two float64 sums per column, each line's sum two or four registers: strips of two lines.
-GRADIENT_COLUMN_LINES = 2
-_gradient_terms_strip = column_kernel(_gradient_terms, GRADIENT_COLUMN_LINES)
-_gradient_terms_line = column_kernel(_gradient_terms, 1)
-
-
 @njit(**_OPTIONS)
 def _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu):
     """Sums of dy and dy * (x - mean) over rows [r0, r1) of the (rows, C) dy and x, in float64
     throughout, as :func:`_gradient_sums`; STREAM_ROW_RUN rows at a time, each over all columns."""
     sum_dy[:] = 0.0
     sum_dy_xmu[:] = 0.0
-    sums = (sum_dy, sum_dy_xmu)
-    channels = x.shape[1]
-    line, strips_end, lines_end = _column_ends(x, GRADIENT_COLUMN_LINES)
     for q in range(r0, r1, STREAM_ROW_RUN):
-        q1 = min(q + STREAM_ROW_RUN, r1)
-        for c in range(0, strips_end, GRADIENT_COLUMN_LINES * line):
-            _gradient_terms_strip(sums, (dy, x), q, q1, c, (mean,))
-        for c in range(strips_end, lines_end, line):
-            _gradient_terms_line(sums, (dy, x), q, q1, c, (mean,))
-        for c in range(lines_end, channels):
-            for r in range(q, q1):
-                g, g_xmu = _gradient_terms_element(np.float64(dy[r, c]), np.float64(x[r, c]), mean[c])
-                sum_dy[c] += g
-                sum_dy_xmu[c] += g_xmu
+        _gradient_columns((sum_dy, sum_dy_xmu), (dy, x), 0, q, min(q + STREAM_ROW_RUN, r1), x.shape[1], (mean,))
 
 
 @njit(**_OPTIONS)

@@ -278,3 +278,18 @@ def test_channels_last_gradient_sums_go_row_after_row_in_float64(dtype):
     numba_cpu._row_block_gradient_sums(dy, x, mean, 1, 37, sum_dy, sum_dy_xmu)
     assert sum_dy.tobytes() == want_dy.tobytes()
     assert sum_dy_xmu.tobytes() == want_dy_xmu.tobytes()
+
+
+def test_column_sweeps_read_from_an_offset_in_rows_of_any_stride():
+    # The short-row paths sweep a block's columns [j0, j0 + width) of (outer, C * inner) planes, which
+    # may be a view with gaps between the rows; each column still gets its row-after-row sum.
+    from accelbn.backends import numba_cpu
+
+    planes = random_array((2 * 21, 100), np.float32, loc=3.0)[::2]  # rows 400 bytes apart, not 800
+    shift = random_array((85,), np.float64, seed=2)
+    run = np.zeros(85)
+    numba_cpu._shifted_columns((run,), (planes,), 7, 1, 21, 85, (shift,))
+    want = np.zeros(85)
+    for r in range(1, 21):
+        want = want + (planes[r, 7:92].astype(np.float64) - shift)
+    assert run.tobytes() == want.tobytes()
