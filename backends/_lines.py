@@ -233,7 +233,7 @@ def column_sweep(formula, lines):
     one_line = column_kernel(formula, 1)
     one_column = column_kernel(formula, 1, lanes=1)
 
-    @njit(error_model="numpy", nogil=True)
+    @njit(inline="always", error_model="numpy", nogil=True)
     def sweep(runs, arrays, offset, r0, r1, width, params):
         line = LINE_BYTES // arrays[0].itemsize
         strips_end = width - width % (lines * line)

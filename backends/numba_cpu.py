@@ -64,7 +64,7 @@ CACHED_SLICE_BYTES = 1 << 20
 # win for 7x7 and 14x14, single channels for 28x28 (784).
 SHORT_ROW = 256
 BLOCK_RUN = 1024
-# Rows ahead that the statistics and the parallel element passes of short rows prefetch.
+# Rows ahead that the short-row element passes prefetch (their statistics prefetch a sweep ahead).
 PREFETCH_ROWS = 2
 # Outputs at least this large are streamed: they would not stay in cache for a next reader anyway.
 STREAM_MIN_BYTES = 8 << 20
@@ -620,9 +620,10 @@ def _gradient_terms(dy, x, mean):
 _shifted_columns = column_sweep(_shifted, 4)
 _squared_deviation_columns = column_sweep(_squared_deviation, 4)
 _gradient_columns = column_sweep(_gradient_terms, 2)
-# Rows per sweep over the columns where rows come from memory: few enough that the rows stream in
-# order (NHWC 64x56x56x256 backward: sweeps of 2, 4, 8 and 16 rows took 2.30, 1.96, 2.35 and 2.5
-# times a copy).
+# Rows per sweep of the gradient sums and the short-row statistics, which read rows from memory:
+# few enough that the rows stream in order (NHWC 64x56x56x256 backward: sweeps of 2, 4, 8 and 16
+# rows took 2.30, 1.96, 2.35 and 2.5 times a copy). The channels-last statistics keep sweeps of
+# ROW_RUN rows: four-row sweeps made 65536x64 train slower (1.32 against 0.95 times a copy).
 STREAM_ROW_RUN = 4
 
 
@@ -861,10 +862,8 @@ def _columns_shifted(x, r0, r1, shift, run, total):
     """total[c] = sum of x[r, c] - shift[c] over rows [r0, r1), in runs accumulated in run's dtype."""
     total[:] = 0.0
     for q in range(r0, r1, ROW_RUN):
-        q1 = min(q + ROW_RUN, r1)
         run[:] = 0.0
-        for p in range(q, q1, STREAM_ROW_RUN):
-            _shifted_columns((run,), (x,), 0, p, min(p + STREAM_ROW_RUN, q1), x.shape[1], (shift,))
+        _shifted_columns((run,), (x,), 0, q, min(q + ROW_RUN, r1), x.shape[1], (shift,))
         for c in range(x.shape[1]):
             total[c] += np.float64(run[c])
 
