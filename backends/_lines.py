@@ -178,9 +178,8 @@ def column_kernel(formula, lines, lanes=None):
     many as fill a cache line of the arrays.
 
     ``arrays`` is a tuple of 2-d arrays of one dtype whose rows have unit stride (the caller vouches
-    for it, as for :func:`unit_stride`), ``runs`` a tuple of 1-d arrays of
-    the dtype the sums run in (the arrays' own, or float64 for wider sums); ``params`` as in
-    :func:`line_kernel`, read at ``j``. Each element computes exactly what ``run[j] += term`` does in
+    for it, as for :func:`unit_stride`), ``runs`` a tuple of 1-d arrays of the dtype the sums run in
+    (the arrays' own, or float64 for wider sums); ``params`` as in :func:`line_kernel`, read at ``j``. Each element computes exactly what ``run[j] += term`` does in
     a loop over r; the sums stay in registers across the rows instead of going through memory at
     every row, and the lines' sums are independent chains that the core overlaps.
     """
@@ -196,12 +195,12 @@ def column_kernel(formula, lines, lanes=None):
 
         def codegen(context, builder, signature, args):
             runs_type, arrays_type, *index_types, params_type = signature.args
-            width = lanes or LINE_BYTES // context.get_abi_sizeof(context.get_data_type(arrays_type[0].dtype))
-            vectors = _LineVectors(context, builder, width, runs_type[0].dtype)
-            shift, first, stop, channel = (
+            per_line = lanes or LINE_BYTES // context.get_abi_sizeof(context.get_data_type(arrays_type[0].dtype))
+            vectors = _LineVectors(context, builder, per_line, runs_type[0].dtype)
+            column_offset, first, stop, channel = (
                 context.cast(builder, value, kind, types.intp) for value, kind in zip(args[2:6], index_types)
             )
-            starts = [builder.add(channel, ir.Constant(channel.type, k * width)) for k in range(lines)]
+            starts = [builder.add(channel, ir.Constant(channel.type, k * per_line)) for k in range(lines)]
             values = [vectors.params(params_type, args[6], start) for start in starts]
             totals = [
                 [cgutils.alloca_once_value(builder, vectors.load(kind, builder.extract_value(args[0], k), [start]).value) for k, kind in enumerate(runs_type)]
@@ -209,7 +208,7 @@ def column_kernel(formula, lines, lanes=None):
             ]
             with cgutils.for_range_slice(builder, first, stop, ir.Constant(first.type, 1)) as (row, _):
                 for start, value, line_totals in zip(starts, values, totals):
-                    column_index = builder.add(shift, start)
+                    column_index = builder.add(column_offset, start)
                     inputs = [vectors.load(kind, builder.extract_value(args[1], k), [row, column_index]) for k, kind in enumerate(arrays_type)]
                     terms = formula(*inputs, *value)
                     for term, total in zip(terms if isinstance(terms, tuple) else (terms,), line_totals):

@@ -630,9 +630,9 @@ STREAM_ROW_RUN = 4
 @njit(**_OPTIONS)
 def _block_moments(x, inner, c0, c1, r0, r1, mean, m2):
     """Moments of rows [r0, r1) of channels [c0, c1) into mean and m2 (indexed from c0); returns the
-    count. A shifted two-pass as in :func:`_chunk_moments`, but summed down the rows first, element
-    by element across the block's run (long vector loops however short a row is), then across each
-    channel's ``inner`` column sums."""
+    count. A shifted two-pass as in :func:`_chunk_moments`, but summed down the rows first, column
+    by column across the block's run (whole lines in registers however short a row is), then across
+    each channel's ``inner`` column sums."""
     j0 = c0 * inner
     width = (c1 - c0) * inner
     column = np.zeros(width)
@@ -649,7 +649,7 @@ def _block_moments(x, inner, c0, c1, r0, r1, mean, m2):
         mean[c] = shift[c * inner] + _sum(column[c * inner : (c + 1) * inner]) / n
         shift[c * inner : (c + 1) * inner] = mean[c]
     column[:] = 0.0
-    _squared_deviation_columns((column,), (x,), j0, r0, r1, width, (shift, np.zeros(width)))
+    _squared_deviation_columns((column,), (x,), j0, r0, r1, width, (shift, np.zeros(width)))  # a float64 mean: no remainder
     for c in range(c1 - c0):
         m2[c] = _sum(column[c * inner : (c + 1) * inner])
     return n
