@@ -916,7 +916,13 @@ def _affine_tables(y, mean, scale, shift):
         params[0, c], params[1, c] = _split(y, mean[c])
         params[2, c] = _as_element(y, scale[c])
         params[3, c] = _as_element(y, shift[c])
-    tables = _cyclic(params, LINE_BYTES // y.itemsize)
+    return _line_tables(params, y)
+
+
+@njit(**_OPTIONS)
+def _line_tables(params, out):
+    """The four rows of ``params`` as :func:`_cyclic` tables for the lines of ``out``."""
+    tables = _cyclic(params, LINE_BYTES // out.itemsize)
     return tables[0], tables[1], tables[2], tables[3]
 
 
@@ -983,8 +989,7 @@ def _backward_channels_last(dy, x, mean, invstd, weight, training, block_rows, d
             mean_dy, k, scale = _backward_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], weight[c], np.float64(rows))
             params[0, c] = mean[c]
             params[1, c], params[2, c], params[3, c] = _gradient_factors(mean_dy, k, scale)
-        t = _cyclic(params, LINE_BYTES // dx.itemsize)
-        tables = (t[0], t[1], t[2], t[3])
+        tables = _line_tables(params, dx)
         flat_x = x.reshape(-1)
         for b in prange(blocks):
             _write_gradient(flat_dy, flat_x, b * block, min(b * block + block, flat_dy.shape[0]), tables, channels, dx, stream)
