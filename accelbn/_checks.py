@@ -9,6 +9,7 @@ import numpy as np
 from accelbn._arrays import NUMPY, address_view, library_of
 
 _FLOAT_ITEMSIZES = (2, 4, 8)
+_FLOAT_DTYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))  # native byte order
 
 
 def array_library(a, name):
@@ -28,10 +29,10 @@ def is_float_dtype(dtype):
 
 def float_array(a, name, library):
     """Check that ``a`` is a float16/bfloat16/float32/float64 array of ``library``."""
-    other = array_library(a, name)
+    other = NUMPY if type(a) is np.ndarray else array_library(a, name)
     if other != library:
         raise TypeError(f"{name} is a {other} array but x is a {library} array; pass arrays of one library")
-    if not is_float_dtype(a.dtype):
+    if a.dtype not in _FLOAT_DTYPES and not is_float_dtype(a.dtype):  # a hash lookup for the usual dtypes
         raise TypeError(f"{name} must have dtype float16, bfloat16, float32 or float64, got {a.dtype}")
 
 

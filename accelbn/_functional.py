@@ -33,6 +33,8 @@ def stats_dtype(x_dtype):
 def _kernel_dtype(x_dtype, kernels):
     """The dtype kernels read and write: x's own when the backend stores it (in native byte order),
     else float32 (float16 and bfloat16 on the CPU)."""
+    if x_dtype in kernels.STORAGE_DTYPES:
+        return x_dtype
     native = np.dtype(x_dtype.type)
     return native if native in kernels.STORAGE_DTYPES else np.dtype(np.float32)
 
@@ -106,11 +108,11 @@ def batch_norm(
         dtype = _kernel_dtype(x.dtype, kernels)
         layout = _layout.channel_layout(x, axis)
         y = _layout.Output(x, out, layout, dtype)
-        weight64 = _float64_or(xp, weight, channels, 1.0)
         bias64 = _float64_or(xp, bias, channels, 0.0)
         if training and x.size == 0:  # PyTorch returns an empty y and leaves running stats alone
             mean = var = xp.full(channels, np.nan)
         elif training:
+            weight64 = _float64_or(xp, weight, channels, 1.0)
             mean, var = kernels.forward_train(_layout.input3(x, layout, dtype), weight64, bias64, eps, y.view)
             if running_mean is not None:
                 new_mean = _blend(running_mean, mean, momentum)
@@ -120,10 +122,11 @@ def batch_norm(
         else:
             mean = running_mean.astype(np.float64)
             invstd = inverse_std(running_var.astype(np.float64), eps)
+            scale = invstd if weight is None else weight * invstd  # float64: weight converts exactly
             if x.size:
-                kernels.normalize(_layout.input3(x, layout, dtype), mean, weight64 * invstd, bias64, y.view)
+                kernels.normalize(_layout.input3(x, layout, dtype), mean, scale, bias64, y.view)
 
-        result = y.result().astype(x.dtype, copy=False)
+        result = y.result()
         if return_stats:
             if training:  # only the saved statistics need it
                 invstd = inverse_std(var, eps)
@@ -183,4 +186,4 @@ def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out
         grad_dtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
         dweight = (sum_dy_xmu * invstd).astype(grad_dtype)
         dbias = sum_dy.astype(grad_dtype)
-        return dx.result().astype(x.dtype, copy=False), dweight, dbias
+        return dx.result(), dweight, dbias

@@ -22,6 +22,7 @@ class Layout(NamedTuple):
     """Where the axes of arrays of one shape and strides go in the canonical view."""
 
     order: tuple  # the axes as (outer..., channel, inner...)
+    in_order: bool  # whether ``order`` is the axes' own order, so views need no transpose
     n_outer: int
     shape3: tuple  # (outer, C, inner)
     ordered_shape: tuple  # the shape with its axes in ``order``
@@ -51,7 +52,8 @@ def _layout(shape, strides, axis):
     ordered = tuple(shape[a] for a in order)
     shape3 = (math.prod(ordered[:n_outer]), ordered[n_outer], math.prod(ordered[n_outer + 1 :]))
     inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
-    return Layout(order, n_outer, shape3, ordered, inverse, strides, merged_strides(shape, strides, order, n_outer))
+    in_order = order == tuple(range(len(shape)))
+    return Layout(order, in_order, n_outer, shape3, ordered, inverse, strides, merged_strides(shape, strides, order, n_outer))
 
 
 def merged_strides(shape, strides, order, n_outer):
@@ -78,7 +80,11 @@ def view3(a, layout):
         return None
     if library_of(a) == CUPY:  # CuPy's reshape would copy silently; build the view from strides
         return namespace(CUPY).lib.stride_tricks.as_strided(a, layout.shape3, strides3)
-    return a.transpose(layout.order).reshape(layout.shape3)  # a view: the strides merge
+    return _in_order(a, layout).reshape(layout.shape3)  # a view: the strides merge
+
+
+def _in_order(a, layout):
+    return a if layout.in_order else a.transpose(layout.order)
 
 
 def input3(a, layout, dtype):
@@ -88,18 +94,21 @@ def input3(a, layout, dtype):
         if v is not None:
             return v
     xp = namespace(library_of(a))
-    return xp.ascontiguousarray(a.transpose(layout.order), dtype=dtype).reshape(layout.shape3)
+    return xp.ascontiguousarray(_in_order(a, layout), dtype=dtype).reshape(layout.shape3)
 
 
 class Output:
     """Where a kernel writes: ``out`` itself when it can be viewed, else a scratch array.
 
-    ``view`` is the canonical array the kernel fills; ``result()`` returns the user's array,
-    copying the scratch array into ``out`` first when one was needed.
+    ``view`` is the canonical array the kernel fills; ``result()`` returns the user's array: ``out``,
+    after copying the scratch array into it when one was needed, or else a new array of x's dtype.
     """
+
+    __slots__ = ("_out", "_scratch", "_xp", "_dtype", "view")
 
     def __init__(self, x, out, layout, dtype):
         self._out = out
+        self._dtype = x.dtype
         self._scratch = None
         self.view = None
         if out is not None and out.dtype == dtype:
@@ -107,11 +116,13 @@ class Output:
         if self.view is None:
             self._xp = namespace(library_of(x))
             self.view = self._xp.empty(layout.shape3, dtype=dtype)
-            self._scratch = self.view.reshape(layout.ordered_shape).transpose(layout.inverse)
+            self._scratch = self.view.reshape(layout.ordered_shape)
+            if not layout.in_order:
+                self._scratch = self._scratch.transpose(layout.inverse)
 
     def result(self):
         if self._out is None:
-            return self._scratch
+            return self._scratch if self._scratch.dtype == self._dtype else self._scratch.astype(self._dtype)
         if self._scratch is not None:
             self._xp.copyto(self._out, self._scratch, casting="same_kind")
         return self._out

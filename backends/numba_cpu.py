@@ -858,6 +858,13 @@ ROW_RUN = 16
 
 
 @njit(**_OPTIONS)
+def _block_rows(channels):
+    """Rows per block of the channels-last kernels: about ROW_BLOCK elements."""
+    # At least 64 rows, so that the float64 partials stay small next to x however wide a row is.
+    return max(64, ROW_BLOCK // max(channels, 1))
+
+
+@njit(**_OPTIONS)
 def _columns_shifted(x, r0, r1, shift, run, total):
     """total[c] = sum of x[r, c] - shift[c] over rows [r0, r1), in runs accumulated in run's dtype."""
     total[:] = 0.0
@@ -928,12 +935,15 @@ def _line_tables(params, out):
 
 # The channels-last entry points are one kernel call each, statistics, merge and element pass
 # together: at a few thousand elements, each further call from Python costs as much as the work.
+# They take the canonical (rows, C, 1) arrays, C-contiguous, and view them as (rows, C) or flat.
 
 
 @_kernel
-def _forward_train_channels_last(x, weight, bias, eps, block_rows, y, mean, var, stream):
-    """x (rows, C) C-contiguous, y flat."""
-    rows, channels = x.shape
+def _forward_train_channels_last(x3, weight, bias, eps, y3, mean, var, stream):
+    rows, channels, _ = x3.shape
+    x = x3.reshape(rows, channels)
+    y = y3.reshape(-1)
+    block_rows = _block_rows(channels)
     blocks = (rows + block_rows - 1) // block_rows
     count = np.empty(blocks)
     part_mean = np.empty((blocks, channels))
@@ -957,11 +967,12 @@ def _forward_train_channels_last(x, weight, bias, eps, block_rows, y, mean, var,
 
 
 @_kernel
-def _normalize_channels_last(x, mean, scale, shift, block_rows, y, stream):
-    """x (rows, C) C-contiguous, y flat."""
+def _normalize_channels_last(x3, mean, scale, shift, y3, stream):
     channels = mean.shape[0]
+    block_rows = _block_rows(channels)
+    y = y3.reshape(-1)
     tables = _affine_tables(y, mean, scale, shift)
-    flat = x.reshape(-1)
+    flat = x3.reshape(-1)
     block = block_rows * channels
     for b in prange((flat.shape[0] + block - 1) // block):
         _write_affine(flat, b * block, min(b * block + block, flat.shape[0]), tables, channels, y, stream)
@@ -970,9 +981,12 @@ def _normalize_channels_last(x, mean, scale, shift, block_rows, y, stream):
 
 
 @_kernel
-def _backward_channels_last(dy, x, mean, invstd, weight, training, block_rows, dx, sum_dy, sum_dy_xmu, stream):
-    """dy and x (rows, C) C-contiguous, dx flat."""
-    rows, channels = x.shape
+def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy, sum_dy_xmu, stream):
+    rows, channels, _ = x3.shape
+    dy = dy3.reshape(rows, channels)
+    x = x3.reshape(rows, channels)
+    dx = dx3.reshape(-1)
+    block_rows = _block_rows(channels)
     blocks = (rows + block_rows - 1) // block_rows
     part_dy = np.empty((blocks, channels))
     part_dy_xmu = np.empty((blocks, channels))
@@ -1063,11 +1077,6 @@ def _row_groups(x, block):
     return max(1, min(x.shape[0], -(-8 * numba.get_num_threads() // blocks)))
 
 
-def _block_rows(channels):
-    # At least 64 rows, so that the float64 partials stay small next to x however wide a row is.
-    return max(64, ROW_BLOCK // max(channels, 1))
-
-
 def _element_params(dtype, mean, *vectors):
     """Per-channel float64 vectors as the kernels' element parameters, one row each in ``dtype``:
     the mean split into its rounded value and the remainder, then ``vectors``."""
@@ -1103,21 +1112,20 @@ def _planes(a):
 
 
 def _rows(a):
-    """Channels-last ``a`` as a C-contiguous (rows, C) array."""
-    return np.ascontiguousarray(a).reshape(a.shape[:2])  # an inner axis of 1 has no stride to honour
+    """Channels-last ``a`` (rows, C, 1), C-contiguous."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 class _Target:
     """Where a pass writes: ``y`` itself when its layout suits the kernels (:func:`_dense`'s), else a
     dense scratch array copied into ``y`` by ``finish()``."""
 
+    __slots__ = ("y", "array")
+
     def __init__(self, y):
         self.y = y
         suits = y.flags.c_contiguous if y.shape[2] == 1 else _dense(y) is y
         self.array = y if suits else np.empty(y.shape, y.dtype)
-
-    def flat(self):
-        return self.array.reshape(-1)
 
     def planes(self):
         return _planes(self.array)
@@ -1153,7 +1161,7 @@ def forward_train(x, weight, bias, eps, y):
     if inner == 1:
         target = _Target(y)
         stream = _streams(y)
-        kernels.forward_train_channels_last(_rows(x), weight, bias, float(eps), _block_rows(channels), target.flat(), mean, var, stream)
+        kernels.forward_train_channels_last(_rows(x), weight, bias, float(eps), target.array, mean, var, stream)
         target.finish()
         return mean, var
     x = _dense(x)
@@ -1176,7 +1184,7 @@ def _normalize(x, mean, scale, shift, y):
     kernels = _kernels(x)
     stream = _streams(y)
     if inner == 1:
-        kernels.normalize_channels_last(_rows(x), mean, scale, shift, _block_rows(channels), target.flat(), stream)
+        kernels.normalize_channels_last(_rows(x), mean, scale, shift, target.array, stream)
     else:
         x = _dense(x)
         params = _element_params(y.dtype, mean, scale, shift)
@@ -1205,7 +1213,7 @@ def backward(dy, x, mean, invstd, weight, training, dx):
     if inner == 1:
         target = _Target(dx)
         kernels.backward_channels_last(
-            _rows(dy), _rows(x), mean, invstd, weight, training, _block_rows(channels), target.flat(), sum_dy, sum_dy_xmu, stream
+            _rows(dy), _rows(x), mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, stream
         )
         target.finish()
         return sum_dy, sum_dy_xmu
