@@ -85,10 +85,10 @@ def batch_norm(
     training = _checks.boolean(training, "training")
     momentum = _checks.real_number(momentum, "momentum")
     eps = _checks.real_number(eps, "eps", minimum=0.0)
-    for name, v in (("weight", weight), ("bias", bias)):
-        _checks.channel_vector(v, name, channels, library)
-    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
-        _checks.channel_vector(v, name, channels, library, writable=training)
+    _checks.channel_vector(weight, "weight", channels, library)
+    _checks.channel_vector(bias, "bias", channels, library)
+    _checks.channel_vector(running_mean, "running_mean", channels, library, writable=training)
+    _checks.channel_vector(running_var, "running_var", channels, library, writable=training)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
     if training:
