@@ -452,6 +452,12 @@ def _chunk_gradient_sums(dy, x, c, mean, k, rows, segments):
     return a, b
 
 
+# The fused kernels (one task per channel or block of channels) write their element pass from the
+# last row to the first: their sums pass has just read the rows first to last, so the rows it read
+# last are the ones still in cache (256x2048x7x7 backward: 1.64-1.67 times a copy forwards,
+# 1.56-1.60 backwards; 32x64x56x56 train 0.59-0.60, 0.49-0.51). The order of the writes changes no bits.
+
+
 @_kernel
 def _forward_train_by_channel(x, weight, bias, eps, y, mean, var, stream):
     outer, channels, inner = x.shape
@@ -465,7 +471,7 @@ def _forward_train_by_channel(x, weight, bias, eps, y, mean, var, stream):
         var[c] = m2 / n
         hi, lo = _split(y, m)
         params = (hi, lo, _as_element(y, weight[c] * _inverse_std(var[c], eps)), _as_element(y, bias[c]))
-        for r in range(outer):
+        for r in range(outer - 1, -1, -1):
             _write_affine(x[r, c], 0, inner, params, 1, y[r, c], stream)
         if stream:
             store_fence()
@@ -487,12 +493,12 @@ def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_
             mean_dy, k_c, scale = _backward_coefficients(a, b, invstd[c], weight[c], np.float64(outer * inner))
             fa, fb, fc = _gradient_factors(mean_dy, k_c, scale)
             params = (mean[c], fa, fb, fc)
-            for r in range(outer):
+            for r in range(outer - 1, -1, -1):
                 _write_gradient(dy[r, c], x[r, c], 0, inner, params, 1, dx[r, c], stream)
         else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
             zero = _as_element(dx, 0.0)
             frozen = (zero, zero, _as_element(dx, weight[c] * invstd[c]), zero)
-            for r in range(outer):
+            for r in range(outer - 1, -1, -1):
                 _write_affine(dy[r, c], 0, inner, frozen, 1, dx[r, c], stream)
         if stream:
             store_fence()
@@ -709,7 +715,7 @@ def _forward_train_by_block(x, inner, block, weight, bias, eps, y, mean, var, st
         tables = (_spread(hi, inner), _spread(lo, inner), _spread(scale, inner), _spread(shift, inner))
         j0 = c0 * inner
         j1 = c1 * inner
-        for r in range(outer):
+        for r in range(outer - 1, -1, -1):
             _write_affine(x[r, j0:j1], 0, j1 - j0, tables, j1 - j0, y[r, j0:j1], stream)
         if stream:
             store_fence()
@@ -747,7 +753,7 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
                 )
             fa, fb, fc = _gradient_factors(mean_dy, k, scale)
             params = (_spread(mean[c0:c1], inner), _spread(fa, inner), _spread(fb, inner), _spread(fc, inner))
-            for r in range(outer):
+            for r in range(outer - 1, -1, -1):
                 _write_gradient(dy[r, j0:j1], x[r, j0:j1], 0, j1 - j0, params, j1 - j0, dx[r, j0:j1], stream)
         else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
             zero = _as_element(dx, 0.0)
@@ -755,7 +761,7 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
             for c in range(c0, c1):
                 frozen_scale[c - c0] = _as_element(dx, weight[c] * invstd[c])
             frozen = (zero, zero, _spread(frozen_scale, inner), zero)
-            for r in range(outer):
+            for r in range(outer - 1, -1, -1):
                 _write_affine(dy[r, j0:j1], 0, j1 - j0, frozen, j1 - j0, dx[r, j0:j1], stream)
         if stream:
             store_fence()
