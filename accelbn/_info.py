@@ -41,10 +41,13 @@ def _numba_threading():
         import numba
     except ImportError:
         return "-", "-"
-    # Numba picks its threading layer when the first parallel kernel launches, and
-    # threading_layer() raises before that: one tiny training call launches one.
-    accelbn.batch_norm(np.ones((2, 2, 2, 2), np.float32), None, None, training=True)
-    return numba.threading_layer(), str(numba.get_num_threads())
+    # Numba picks its threading layer when it first launches its threads, and threading_layer()
+    # raises before that. Asking for the thread count launches them, once the backend has pinned
+    # the layer it prefers.
+    import accelbn.backends.numba_cpu  # noqa: F401
+
+    threads = numba.get_num_threads()
+    return numba.threading_layer(), str(threads)
 
 
 def _torch_version():

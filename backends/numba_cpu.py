@@ -165,6 +165,13 @@ def _kernels(x):
     return _SERIAL if _is_small(x) else _PARALLEL
 
 
+def _tasks(x, per_thread):
+    """How many tasks the kernels for ``x`` should split their work into: ``per_thread`` per thread
+    to balance the threads, or one for the serial kernels (which also skip asking Numba for its
+    thread count: that costs microseconds, as much as a small input's whole pass)."""
+    return 1 if _is_small(x) else per_thread * numba.get_num_threads()
+
+
 _inverse_std = njit(inline="always", error_model="numpy")(inverse_std)
 _backward_coefficients = njit(inline="always", error_model="numpy")(backward_coefficients)
 _gradient_factors = njit(inline="always", error_model="numpy")(gradient_factors)
@@ -552,8 +559,9 @@ def _segment(x, u):
 
 
 @_kernel
-def _normalize_channels_first(x, params, y, tasks, stream):
-    """y = affine(x) over the row segments; ``params`` per-channel arrays."""
+def _normalize_channels_first(x, mean, scale, shift, y, tasks, stream):
+    """y = (x - mean) * scale + shift over the row segments."""
+    params = _affine_params(y, mean, scale, shift)
     for t in prange(tasks):
         for u in _task_segments(x, t, tasks):
             r, c, f0, f1 = _segment(x, u)
@@ -823,8 +831,9 @@ def _block_tables(params, c0, c1, inner):
 
 
 @_kernel
-def _normalize_blocks(x, inner, block, groups, params, y, stream):
-    """y = affine(x); ``params`` per-channel arrays in y's dtype."""
+def _normalize_blocks(x, inner, block, groups, mean, scale, shift, y, stream):
+    """y = (x - mean) * scale + shift."""
+    params = _affine_params(y, mean, scale, shift)
     blocks = (x.shape[1] // inner + block - 1) // block
     for t in prange(blocks * groups):
         c0, c1, r0, r1 = _block_task(x, inner, block, groups, t)
@@ -922,14 +931,21 @@ def _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu):
 
 
 @njit(**_OPTIONS)
-def _affine_tables(y, mean, scale, shift):
-    """Per-channel (mean_hi, mean_lo, scale, shift) in y's dtype as :func:`_cyclic` tables."""
+def _affine_params(y, mean, scale, shift):
+    """The per-channel float64 vectors as the element parameters, rows (mean_hi, mean_lo, scale,
+    shift) in y's dtype: the mean split into its rounded value and the remainder (:func:`_split`)."""
     params = np.empty((4, mean.shape[0]), y.dtype)
     for c in range(mean.shape[0]):
         params[0, c], params[1, c] = _split(y, mean[c])
         params[2, c] = _as_element(y, scale[c])
         params[3, c] = _as_element(y, shift[c])
-    return _line_tables(params, y)
+    return params
+
+
+@njit(**_OPTIONS)
+def _affine_tables(y, mean, scale, shift):
+    """:func:`_affine_params` as :func:`_cyclic` tables."""
+    return _line_tables(_affine_params(y, mean, scale, shift), y)
 
 
 @njit(**_OPTIONS)
@@ -1060,7 +1076,7 @@ def _streams(y):
 def _by_channel(x):
     """Whether channels-first work goes one task per channel, statistics and normalize fused."""
     outer, channels, inner = x.shape
-    return channels >= 4 * numba.get_num_threads() and outer * inner * x.itemsize <= CACHED_SLICE_BYTES
+    return channels >= _tasks(x, 4) and outer * inner * x.itemsize <= CACHED_SLICE_BYTES
 
 
 def _short_rows(x):
@@ -1073,22 +1089,14 @@ def _channel_block(x, fused):
     outer, channels, inner = x.shape
     block = -(-BLOCK_RUN // inner)
     if fused:
-        block = min(block, CACHED_SLICE_BYTES // (outer * inner * x.itemsize), channels // (4 * numba.get_num_threads()))
+        block = min(block, CACHED_SLICE_BYTES // (outer * inner * x.itemsize), channels // _tasks(x, 4))
     return max(1, min(block, channels))
 
 
 def _row_groups(x, block):
     """Row groups per block for the short-row element passes: tasks enough to balance the threads."""
     blocks = -(-x.shape[1] // block)
-    return max(1, min(x.shape[0], -(-8 * numba.get_num_threads() // blocks)))
-
-
-def _element_params(dtype, mean, *vectors):
-    """Per-channel float64 vectors as the kernels' element parameters, one row each in ``dtype``:
-    the mean split into its rounded value and the remainder, then ``vectors``."""
-    params = np.array((mean, mean, *vectors), dtype)
-    np.subtract(mean, params[0], out=params[1], casting="same_kind")
-    return params
+    return max(1, min(x.shape[0], -(-_tasks(x, 8) // blocks)))
 
 
 @njit(**_OPTIONS)
@@ -1144,7 +1152,7 @@ class _Target:
 def _segment_tasks(x):
     """Tasks for the channels-first element passes: enough to balance the threads, at most one per segment."""
     units = x.shape[0] * x.shape[1] * _segments_per_row(x)
-    return max(1, min(units, 8 * numba.get_num_threads()))
+    return max(1, min(units, _tasks(x, 8)))
 
 
 @_parallel_entry
@@ -1193,12 +1201,11 @@ def _normalize(x, mean, scale, shift, y):
         kernels.normalize_channels_last(_rows(x), mean, scale, shift, target.array, stream)
     else:
         x = _dense(x)
-        params = _element_params(y.dtype, mean, scale, shift)
         if _short_rows(x):
             block = _channel_block(x, fused=False)
-            kernels.normalize_blocks(_planes(x), inner, block, _row_groups(x, block), params, target.planes(), stream)
+            kernels.normalize_blocks(_planes(x), inner, block, _row_groups(x, block), mean, scale, shift, target.planes(), stream)
         else:
-            kernels.normalize_channels_first(x, params, target.array, _segment_tasks(x), stream)
+            kernels.normalize_channels_first(x, mean, scale, shift, target.array, _segment_tasks(x), stream)
     target.finish()
 
 
