@@ -448,6 +448,23 @@ def _chunk_moments(x, c, k, rows, segments):
     return n, mean, q
 
 
+# The fused backward prefetches a channel's next chunk of dy and x while it sums the current one when
+# the two take at most this many bytes (64x256x56x56 float32, 25 KB: 1.95-2.03 times a copy without,
+# 1.80-1.87 with; 32x64x56x56 float64, 50 KB: 0.78-0.81 without, 0.84 with).
+PREFETCH_CHUNK_BYTES = 32 << 10
+
+
+@njit(**_OPTIONS)
+def _prefetch_chunk(a, c, k, rows, segments):
+    """Prefetch chunk k of channel c of ``a``, if there is one. A channel's chunks lie one outer row
+    apart, and the hardware prefetchers start over at each."""
+    r0, r1, i0, i1 = _chunk_bounds(a, k, rows, segments)
+    for r in range(r0, r1):
+        row = a[r, c]
+        for i in range(i0, i1, LINE_BYTES // a.itemsize):
+            prefetch(row, i)
+
+
 @njit(**_OPTIONS)
 def _chunk_gradient_sums(dy, x, c, mean, k, rows, segments):
     r0, r1, i0, i1 = _chunk_bounds(x, k, rows, segments)
@@ -488,9 +505,13 @@ def _forward_train_by_channel(x, weight, bias, eps, y, mean, var, stream):
 def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream):
     outer, channels, inner = x.shape
     rows, segments, chunks = _chunking(outer, inner)
+    early = 2 * rows * min(inner, STATS_CHUNK) * x.itemsize <= PREFETCH_CHUNK_BYTES
     for c in prange(channels):
         a, b = 0.0, 0.0
         for k in range(chunks):
+            if early:
+                _prefetch_chunk(dy, c, k + 1, rows, segments)
+                _prefetch_chunk(x, c, k + 1, rows, segments)
             a_k, b_k = _chunk_gradient_sums(dy, x, c, mean[c], k, rows, segments)
             a += a_k
             b += b_k
