@@ -506,11 +506,11 @@ def _forward_train_by_channel(x, weight, bias, eps, y, mean, var, stream):
 def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream):
     outer, channels, inner = x.shape
     rows, segments, chunks = _chunking(outer, inner)
-    early = 2 * rows * min(inner, STATS_CHUNK) * x.itemsize <= PREFETCH_CHUNK_BYTES
+    prefetching = 2 * rows * min(inner, STATS_CHUNK) * x.itemsize <= PREFETCH_CHUNK_BYTES
     for c in prange(channels):
         a, b = 0.0, 0.0
         for k in range(chunks):
-            if early:
+            if prefetching:
                 _prefetch_chunk(dy, c, k + 1, rows, segments)
                 _prefetch_chunk(x, c, k + 1, rows, segments)
             a_k, b_k = _chunk_gradient_sums(dy, x, c, mean[c], k, rows, segments)
@@ -1147,8 +1147,8 @@ def _planes(a):
     return a.reshape(a.shape[0], a.shape[1] * a.shape[2])
 
 
-def _rows(a):
-    """Channels-last ``a`` (rows, C, 1), C-contiguous."""
+def _contiguous(a):
+    """Channels-last ``a`` (rows, C, 1), C-contiguous as the channels-last kernels take it."""
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
@@ -1197,7 +1197,7 @@ def forward_train(x, weight, bias, eps, y):
     if inner == 1:
         target = _Target(y)
         stream = _streams(y)
-        kernels.forward_train_channels_last(_rows(x), weight, bias, float(eps), target.array, mean, var, stream)
+        kernels.forward_train_channels_last(_contiguous(x), weight, bias, float(eps), target.array, mean, var, stream)
         target.finish()
         return mean, var
     x = _dense(x)
@@ -1220,7 +1220,7 @@ def _normalize(x, mean, scale, shift, y):
     kernels = _kernels(x)
     stream = _streams(y)
     if inner == 1:
-        kernels.normalize_channels_last(_rows(x), mean, scale, shift, target.array, stream)
+        kernels.normalize_channels_last(_contiguous(x), mean, scale, shift, target.array, stream)
     else:
         x = _dense(x)
         if _short_rows(x):
@@ -1248,7 +1248,7 @@ def backward(dy, x, mean, invstd, weight, training, dx):
     if inner == 1:
         target = _Target(dx)
         kernels.backward_channels_last(
-            _rows(dy), _rows(x), mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, stream
+            _contiguous(dy), _contiguous(x), mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, stream
         )
         target.finish()
         return sum_dy, sum_dy_xmu
