@@ -1215,7 +1215,7 @@ def forward_train(x, weight, bias, eps, y):
 
 
 def _normalize(x, mean, scale, shift, y):
-    outer, channels, inner = x.shape
+    inner = x.shape[2]
     target = _Target(y)
     kernels = _kernels(x)
     stream = _streams(y)
