@@ -10,7 +10,9 @@ callables are timed side by side:
 * accelbn: ``batch_norm`` / ``batch_norm_backward`` on the default backend, writing into ``out``;
 * numpy: the few lines a user would write, in x's dtype, allocating as such code does;
 * torch: ``torch.nn.functional.batch_norm`` and its backward kernel, on the same memory (skipped,
-  shown as "-", when PyTorch is not installed);
+  shown as "-", when PyTorch is not installed), its idle OpenMP threads spinning for at most
+  about a millisecond (``GOMP_SPINCOUNT=10000``, ``KMP_BLOCKTIME=1``, unless the environment
+  says how they wait), as ONNX Runtime's are told not to spin below;
 * onnxruntime: the eval pass only, as ONNX Runtime is an inference runtime: a model of one
   BatchNormalization node (opset 15) with the case's parameters as initializers, run on the CPU
   provider with Numba's thread count through IO binding, x bound as input and a preallocated
@@ -27,6 +29,7 @@ alike; the table reports medians. ``--json`` prints the same medians as one JSON
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -328,6 +331,15 @@ def _measure_case(case, repeat, torch, onnxruntime, progress, rng):
 
 
 def _import_torch():
+    """torch, or None. Its idle OpenMP threads are told to stop spinning within about a millisecond
+    (unless the user set how they wait): by default they spin for milliseconds after each call, on
+    the cores that the callable timed next needs. Timed beside torch, accelbn's 65536x64 train took
+    1.08-1.29 times a copy by default and 0.72-0.80 with GOMP_SPINCOUNT at 10000 or 100000, while
+    torch's own times stayed as they were (its 4x8x4x4 train 20-28 us either way; passive waiting,
+    OMP_WAIT_POLICY=PASSIVE, made that 288 us)."""
+    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"} & os.environ.keys():
+        os.environ["GOMP_SPINCOUNT"] = "10000"  # GNU OpenMP, as in PyTorch's wheels; read when it loads
+        os.environ["KMP_BLOCKTIME"] = "1"  # Intel OpenMP, in milliseconds
     try:
         import torch
     except ImportError:

@@ -2,6 +2,7 @@
 output checked in this process on a tiny grid."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -117,6 +118,21 @@ def test_bench_table_has_onnxruntime_times_for_eval_only(bench):
     pytest.importorskip("onnxruntime")
     for row in table_rows(bench("--repeat", "1")):
         assert (row["onnxruntime ms"] == "-") == (row["pass"] != "eval"), row
+
+
+@pytest.mark.parametrize("chosen", [None, "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"])
+def test_bench_stops_torch_threads_spinning_unless_the_user_chose(monkeypatch, chosen):
+    # Spinning OpenMP threads of torch would take the cores of the callable timed after it.
+    knobs = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    environment = {k: v for k, v in os.environ.items() if k not in knobs}
+    if chosen is not None:
+        environment[chosen] = "users-value"
+    monkeypatch.setattr(os, "environ", environment)
+    _bench._import_torch()
+    if chosen is None:
+        assert (environment["GOMP_SPINCOUNT"], environment["KMP_BLOCKTIME"]) == ("10000", "1")
+    else:
+        assert {k: environment.get(k) for k in knobs} == {k: "users-value" if k == chosen else None for k in knobs}
 
 
 @pytest.mark.parametrize(
