@@ -29,7 +29,7 @@ def is_float_dtype(dtype):
 
 def float_array(a, name, library):
     """Check that ``a`` is a float16/bfloat16/float32/float64 array of ``library``."""
-    other = NUMPY if type(a) is np.ndarray else array_library(a, name)
+    other = array_library(a, name)
     if other != library:
         raise TypeError(f"{name} is a {other} array but x is a {library} array; pass arrays of one library")
     if a.dtype not in _FLOAT_DTYPES and not is_float_dtype(a.dtype):  # a hash lookup for the usual dtypes

@@ -455,14 +455,23 @@ PREFETCH_CHUNK_BYTES = 32 << 10
 
 
 @njit(**_OPTIONS)
+def _prefetch_run(x, r, r1, j0, width):
+    """Prefetch row r's run x[r, j0:j0 + width] if r < r1: a block's (or a channel's) runs lie one
+    per outer row, too far apart for the hardware prefetchers to follow from memory."""
+    if r < r1:
+        row = x[r]
+        for j in range(j0, j0 + width, LINE_BYTES // x.itemsize):
+            prefetch(row, j)
+        prefetch(row, j0 + width - 1)
+
+
+@njit(**_OPTIONS)
 def _prefetch_chunk(a, c, k, rows, segments):
     """Prefetch chunk k of channel c of ``a``, if there is one. A channel's chunks lie one outer row
     apart, and the hardware prefetchers start over at each."""
     r0, r1, i0, i1 = _chunk_bounds(a, k, rows, segments)
     for r in range(r0, r1):
-        row = a[r, c]
-        for i in range(i0, i1, LINE_BYTES // a.itemsize):
-            prefetch(row, i)
+        _prefetch_run(a[:, c], r, r1, i0, i1 - i0)
 
 
 @njit(**_OPTIONS)
@@ -622,17 +631,6 @@ def _spread(values, inner):
     for c in range(values.shape[0]):
         table[c * inner : (c + 1) * inner] = values[c]
     return table
-
-
-@njit(**_OPTIONS)
-def _prefetch_run(x, r, r1, j0, width):
-    """Prefetch row r's run x[r, j0:j0 + width] if r < r1: a block's runs lie one per outer row, too
-    far apart and too short for the hardware prefetchers to follow from memory."""
-    if r < r1:
-        row = x[r]
-        for j in range(j0, j0 + width, LINE_BYTES // x.itemsize):
-            prefetch(row, j)
-        prefetch(row, j0 + width - 1)
 
 
 # --- column sums: down the rows first, in registers ----------------------------------------------
