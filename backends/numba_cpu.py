@@ -490,8 +490,10 @@ def _chunk_gradient_sums(dy, x, c, mean, k, rows, segments):
 # last are the ones still in cache (256x2048x7x7 backward, in either order of the A/B calls: 1.64-1.70
 # times a copy forwards, 1.54-1.60 backwards; neutral on 56x56 and 14x14 rows and on train).
 # The order of the writes changes no bits. Overlapping the two passes instead (a task per run of
-# channels, summing channel c + 1 while it writes channel c; same bits) was no faster: NCHW
-# 64x256x56x56 backward 1.70-1.98 times a copy against 1.61-1.83.
+# channels, summing channel c + 1 while it writes channel c, so that reads and streamed writes go
+# together; same bits) did not pay, timed on NCHW 64x256x56x56 with the calls in shuffled order:
+# backward 1.60-1.75 times a copy against 1.50-1.66 (a channel and the next no longer fit in L2);
+# train 1.01-1.22 against 1.06-1.14 over five runs (float64 32x64x56x56: 0.62-0.77 against 0.62-0.77).
 
 
 @_kernel
