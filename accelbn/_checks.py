@@ -84,10 +84,10 @@ def output_array(out, library, x, inputs):
     same_shape_and_dtype(out, "out", x)
     if not _writeable(out):
         raise ValueError("out is read-only")
-    if any(stride == 0 and n > 1 for stride, n in zip(out.strides, out.shape)):
+    if 0 in out.strides and any(stride == 0 and n > 1 for stride, n in zip(out.strides, out.shape)):
         raise ValueError("out has elements that share memory (a zero stride); pass an array with distinct elements")
     for name, a in inputs:
-        if _shares_memory(out, a) and not _same_elements(out, a):
+        if a is not out and _shares_memory(out, a) and not _same_elements(out, a):
             raise ValueError(
                 f"out overlaps {name} without being {name} itself; pass {name} (in place) or a separate array"
             )
