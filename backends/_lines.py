@@ -177,11 +177,12 @@ def column_kernel(formula, lines, lanes=None):
     rows r = r0, r0 + 1, ..., r1 - 1, in that order. A line is W = ``lanes`` columns, by default as
     many as fill a cache line of the arrays.
 
-    ``arrays`` is a tuple of 2-d arrays of one dtype whose rows have unit stride (the caller vouches
-    for it, as for :func:`unit_stride`), ``runs`` a tuple of 1-d arrays of the dtype the sums run in
-    (the arrays' own, or float64 for wider sums); ``params`` as in :func:`line_kernel`, read at ``j``. Each element computes exactly what ``run[j] += term`` does in
-    a loop over r; the sums stay in registers across the rows instead of going through memory at
-    every row, and the lines' sums are independent chains that the core overlaps.
+    ``arrays`` is a tuple of 2-d arrays of one dtype whose rows have unit stride (the caller vouches for
+    it, as for :func:`unit_stride`), ``runs`` a tuple of 1-d arrays of the dtype the sums run in (the
+    arrays' own, or float64 for wider sums); ``params`` as in :func:`line_kernel`, read at ``j``. Each
+    element computes exactly what ``run[j] += term`` does in a loop over r; the sums stay in registers
+    across the rows instead of going through memory at every row, and the lines' sums are independent
+    chains that the core overlaps.
     """
 
     @intrinsic
