@@ -108,11 +108,11 @@ def batch_norm(
         dtype = _kernel_dtype(x.dtype, kernels)
         layout = _layout.channel_layout(x, axis)
         y = _layout.Output(x, out, layout, dtype)
+        weight64 = _float64_or(xp, weight, channels, 1.0)
         bias64 = _float64_or(xp, bias, channels, 0.0)
         if training and x.size == 0:  # PyTorch returns an empty y and leaves running stats alone
             mean = var = xp.full(channels, np.nan)
         elif training:
-            weight64 = _float64_or(xp, weight, channels, 1.0)
             mean, var = kernels.forward_train(_layout.input3(x, layout, dtype), weight64, bias64, eps, y.view)
             if running_mean is not None:
                 new_mean = _blend(running_mean, mean, momentum)
@@ -121,15 +121,13 @@ def batch_norm(
                 xp.copyto(running_var, new_var, casting="same_kind")
         else:
             mean = running_mean.astype(np.float64)
-            invstd = inverse_std(running_var.astype(np.float64), eps)
-            scale = invstd if weight is None else weight * invstd  # float64: weight converts exactly
+            var = running_var.astype(np.float64)
             if x.size:
-                kernels.normalize(_layout.input3(x, layout, dtype), mean, scale, bias64, y.view)
+                kernels.normalize(_layout.input3(x, layout, dtype), mean, var, weight64, bias64, eps, y.view)
 
         result = y.result()
         if return_stats:
-            if training:  # only the saved statistics need it
-                invstd = inverse_std(var, eps)
+            invstd = inverse_std(var, eps)  # only the saved statistics need it
             saved = stats_dtype(x.dtype)
             return result, BatchStats(mean.astype(saved), invstd.astype(saved))
         return result

@@ -3,8 +3,9 @@
 
 ``forward_train(x, weight, bias, eps, y) -> (mean, var)``
     Normalize x with its own statistics into y; return the per-channel mean and biased variance.
-``normalize(x, mean, scale, shift, y)``
-    y = (x - mean) * scale + shift per channel (the eval forward).
+``normalize(x, mean, var, weight, bias, eps, y)``
+    y = (x - mean) * weight / sqrt(var + eps) + bias per channel: the eval forward, with given
+    statistics.
 ``backward(dy, x, mean, invstd, weight, training, dx) -> (sum_dy, sum_dy_xmu)``
     Write dx; return the per-channel sums of dy and dy * (x - mean).
 

@@ -21,6 +21,8 @@ import pathlib
 import cupy
 import numpy as np
 
+from accelbn._formulas import inverse_std
+
 SOURCE = pathlib.Path(__file__).with_name("batch_norm.cu")
 OPTIONS = ("-std=c++17",)
 
@@ -218,8 +220,8 @@ def _normalize(plan, x, mean, scale, shift, y):
     )
 
 
-def normalize(x, mean, scale, shift, y):
-    _normalize(_Plan([x, y]), x, mean, scale, shift, y)
+def normalize(x, mean, var, weight, bias, eps, y):
+    _normalize(_Plan([x, y]), x, mean, weight * inverse_std(var, eps), bias, y)
 
 
 def backward(dy, x, mean, invstd, weight, training, dx):

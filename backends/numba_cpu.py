@@ -177,6 +177,16 @@ _backward_coefficients = njit(inline="always", error_model="numpy")(backward_coe
 _gradient_factors = njit(inline="always", error_model="numpy")(gradient_factors)
 
 
+@njit(**_OPTIONS)
+def _scale(var, weight, eps):
+    """weight / sqrt(var + eps) per channel, in one compiled call: on a small input, the four NumPy
+    operations it replaces cost more than the whole element pass."""
+    scale = np.empty_like(var)
+    for c in range(var.shape[0]):
+        scale[c] = weight[c] * _inverse_std(var[c], eps)
+    return scale
+
+
 # --- scalars in the element dtype ---------------------------------------------------------------
 
 
@@ -1006,10 +1016,7 @@ def _forward_train_channels_last(x3, weight, bias, eps, y3, mean, var, stream):
         count[b] = r1 - r0
         _row_block_moments(x, r0, r1, part_mean[b], part_m2[b])
     _merge_moments(count, part_mean, part_m2, mean, var)
-    scale = np.empty(channels)
-    for c in range(channels):
-        scale[c] = weight[c] * _inverse_std(var[c], eps)
-    tables = _affine_tables(y, mean, scale, bias)
+    tables = _affine_tables(y, mean, _scale(var, weight, eps), bias)
     flat = x.reshape(-1)
     block = block_rows * channels
     for b in prange(blocks):
@@ -1218,8 +1225,9 @@ def forward_train(x, weight, bias, eps, y):
     else:
         kernels.chunk_moments_all(x, count, part_mean, part_m2)
     _merge_moments(count, part_mean, part_m2, mean, var)
-    _normalize(x, mean, weight * inverse_std(var, eps), bias, y)
+    _normalize(x, mean, _scale(var, weight, float(eps)), bias, y)
     return mean, var
+
 
 
 def _normalize(x, mean, scale, shift, y):
@@ -1240,9 +1248,9 @@ def _normalize(x, mean, scale, shift, y):
 
 
 @_parallel_entry
-def normalize(x, mean, scale, shift, y):
-    """y = (x - mean) * scale + shift per channel: the eval forward."""
-    _normalize(x, mean, scale, shift, y)
+def normalize(x, mean, var, weight, bias, eps, y):
+    """y = (x - mean) * weight / sqrt(var + eps) + bias per channel: the eval forward."""
+    _normalize(x, mean, _scale(var, weight, float(eps)), bias, y)
 
 
 @_parallel_entry

@@ -35,8 +35,9 @@ def forward_train(x, weight, bias, eps, y):
     return mean, var
 
 
-def normalize(x, mean, scale, shift, y):
-    y[...] = (x.astype(np.float64) - _per_channel(mean)) * _per_channel(scale) + _per_channel(shift)
+def normalize(x, mean, var, weight, bias, eps, y):
+    scale = weight * inverse_std(var, eps)
+    y[...] = (x.astype(np.float64) - _per_channel(mean)) * _per_channel(scale) + _per_channel(bias)
 
 
 def backward(dy, x, mean, invstd, weight, training, dx):
