@@ -80,7 +80,7 @@ def view3(a, layout):
         return None
     if library_of(a) == CUPY:  # CuPy's reshape would copy silently; build the view from strides
         return namespace(CUPY).lib.stride_tricks.as_strided(a, layout.shape3, strides3)
-    return (a if layout.in_order else a.transpose(layout.order)).reshape(layout.shape3)  # a view: the strides merge
+    return _in_order(a, layout).reshape(layout.shape3)  # a view: the strides merge
 
 
 def _in_order(a, layout):

@@ -1229,7 +1229,6 @@ def forward_train(x, weight, bias, eps, y):
     return mean, var
 
 
-
 def _normalize(x, mean, scale, shift, y):
     inner = x.shape[2]
     target = _Target(y)
