@@ -66,6 +66,18 @@ def available_backends():
     return [name for name, b in _BACKENDS.items() if b.missing() is None]
 
 
+def _require(backend):
+    missing = _BACKENDS[backend].missing()
+    if missing is not None:
+        raise ValueError(f"backend {backend!r} is not available: {missing}")
+
+
+def require_library(library):
+    """Raise what ``backend=`` raises when the default backend of ``library`` cannot run here (for
+    ``BatchNorm.to("cupy")`` without CuPy or without a device)."""
+    _require(_DEFAULTS[library])
+
+
 def kernels_for(backend, library):
     """The kernel module for ``backend`` (or the default for ``library``), checked to fit ``library``."""
     if backend is None:
@@ -78,8 +90,6 @@ def kernels_for(backend, library):
         raise ValueError(f"backend must be one of {sorted(_BACKENDS)} or None, got {backend!r}")
     if entry.library != library:
         raise TypeError(f"backend {backend!r} runs on {entry.library} arrays, but x is a {library} array")
-    missing = entry.missing()
-    if missing is not None:
-        raise ValueError(f"backend {backend!r} is not available: {missing}")
+    _require(backend)
     module = _RESOLVED[backend] = importlib.import_module(entry.module)
     return module

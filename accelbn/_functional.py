@@ -85,6 +85,8 @@ def batch_norm(
     training = _checks.boolean(training, "training")
     momentum = _checks.real_number(momentum, "momentum")
     eps = _checks.real_number(eps, "eps", minimum=0.0)
+    if training and eps == 0.0:  # a constant channel would divide by zero
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     _checks.channel_vector(weight, "weight", channels, library)
     _checks.channel_vector(bias, "bias", channels, library)
     _checks.channel_vector(running_mean, "running_mean", channels, library, writable=training)

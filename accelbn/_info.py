@@ -36,18 +36,20 @@ def _numba_version():
 
 
 def _numba_threading():
-    """Numba's threading layer and thread count, or "-" for both without Numba."""
+    """Numba's threading layer (and why it is not TBB, when it is not) and thread count, or "-" for
+    both without Numba."""
     try:
         import numba
     except ImportError:
         return "-", "-"
-    # Numba picks its threading layer when it first launches its threads, and threading_layer()
-    # raises before that. Asking for the thread count launches them, once the backend has pinned
-    # the layer it prefers.
-    import accelbn.backends.numba_cpu  # noqa: F401
+    from accelbn.backends import _numba_runtime  # pins the layer before Numba launches its threads
 
-    threads = numba.get_num_threads()
-    return numba.threading_layer(), str(threads)
+    layer = _numba_runtime.threading_layer()
+    if layer != "tbb":
+        layer += f" (not tbb: {_numba_runtime.NOT_TBB_REASON or 'Numba picked another layer'})"
+    if _numba_runtime.serial_only():
+        layer += "; serial kernels only in this forked child"
+    return layer, str(numba.get_num_threads())
 
 
 def _torch_version():

@@ -6,6 +6,7 @@ import numpy as np
 
 from accelbn import _checks
 from accelbn._arrays import CUPY, NUMPY, library_of, namespace
+from accelbn._backends import require_library
 from accelbn._functional import batch_norm, batch_norm_backward
 
 _LIBRARIES = (NUMPY, CUPY)
@@ -15,10 +16,10 @@ class BatchNorm:
     """Batch normalization over channel axis ``axis`` of N-d NumPy arrays, like ``torch.nn.BatchNorm2d``.
 
     Parameters and buffers are NumPy arrays of ``dtype``, or CuPy arrays after ``layer.to("cupy")``:
-    ``weight`` (ones) and ``bias`` (zeros)
-    when ``affine``; ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``
-    (a 0-d int64 array) when ``track_running_stats``. ``momentum=None`` averages the running
-    statistics cumulatively, with factor 1 / num_batches_tracked.
+    ``weight`` (ones) and ``bias`` (zeros) when ``affine`` (with ``bias=False``, a weight and no
+    bias, as in PyTorch); ``running_mean`` (zeros), ``running_var`` (ones) and
+    ``num_batches_tracked`` (a 0-d int64 array) when ``track_running_stats``. ``momentum=None``
+    averages the running statistics cumulatively, with factor 1 / num_batches_tracked.
 
     ``layer(x)`` runs the forward pass and keeps ``x`` (by reference) and its statistics;
     ``layer.backward(dy)`` returns dx and stores ``grad_weight`` and ``grad_bias`` (overwriting,
@@ -35,6 +36,7 @@ class BatchNorm:
         *,
         axis=1,
         dtype=np.float32,
+        bias=True,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -42,6 +44,7 @@ class BatchNorm:
         self.momentum = None if momentum is None else _checks.real_number(momentum, "momentum")
         self.affine = _checks.boolean(affine, "affine")
         self.track_running_stats = _checks.boolean(track_running_stats, "track_running_stats")
+        has_bias = _checks.boolean(bias, "bias") and self.affine
         if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         self.axis = int(axis)
@@ -51,7 +54,7 @@ class BatchNorm:
         self.num_features = int(num_features)
         self.dtype = dtype
         self.weight = np.ones(num_features, dtype) if affine else None
-        self.bias = np.zeros(num_features, dtype) if affine else None
+        self.bias = np.zeros(num_features, dtype) if has_bias else None
         if track_running_stats:
             self.running_mean = np.zeros(num_features, dtype)
             self.running_var = np.ones(num_features, dtype)
@@ -65,7 +68,9 @@ class BatchNorm:
     def __repr__(self):
         return (
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name})"
+            f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
+            + ("" if self.bias is not None or not self.affine else ", bias=False")
+            + ")"
         )
 
     def _arrays(self):
@@ -82,6 +87,7 @@ class BatchNorm:
         ``num_batches_tracked`` stays a host counter, so a training step never waits for the GPU."""
         if library not in _LIBRARIES:
             raise ValueError(f"library must be one of {list(_LIBRARIES)}, got {library!r}")
+        require_library(library)
         for name in self._arrays():
             value = getattr(self, name)
             if library_of(value) == library:
@@ -143,11 +149,12 @@ class BatchNorm:
             dy, x, stats, self.weight, training=use_batch_stats, axis=self.axis
         )
         if self.affine:
-            self.grad_weight, self.grad_bias = grad_weight, grad_bias
+            self.grad_weight = grad_weight
+            self.grad_bias = grad_bias if self.bias is not None else None
         return dx
 
     def _state_names(self):
-        names = ["weight", "bias"] if self.affine else []
+        names = [n for n in ("weight", "bias") if getattr(self, n) is not None]
         if self.track_running_stats:
             names += ["running_mean", "running_var", "num_batches_tracked"]
         return names

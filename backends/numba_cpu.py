@@ -29,26 +29,24 @@ outputs of ``STREAM_MIN_BYTES`` or more are written with streaming stores, so wr
 pass over memory instead of two.
 """
 
-import contextlib
-import functools
-import os
-import threading
-from types import FunctionType, SimpleNamespace
-
-import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
 from accelbn._formulas import backward_coefficients, gradient_factors, inverse_std
 from accelbn.backends._lines import LINE_BYTES, column_sweep, fma, line_kernel, prefetch, store_fence, unit_stride
+from accelbn.backends._numba_runtime import (
+    OPTIONS as _OPTIONS,
+    kernel as _kernel,
+    kernels as _kernels,
+    parallel_entry as _parallel_entry,
+    tasks as _tasks,
+)
 
 # The dtypes the kernels read and write directly (Numba has no float16 on the CPU); the front
 # converts anything else to float32.
 STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-# On-disk cache: compiling the kernels costs seconds per dtype, loading them tens of milliseconds.
-_OPTIONS = dict(error_model="numpy", cache=True, nogil=True)
 _REDUCTION = dict(_OPTIONS, fastmath={"reassoc"})
 
 # Elements in a statistics chunk: its second pass runs from L1/L2.
@@ -68,109 +66,6 @@ BLOCK_RUN = 1024
 PREFETCH_ROWS = 2
 # Outputs at least this large are streamed: they would not stay in cache for a next reader anyway.
 STREAM_MIN_BYTES = 8 << 20
-
-# --- threads --------------------------------------------------------------------------------------
-# The kernels are nogil, so Python threads can call them at once, and users fork worker processes
-# after using them. Of Numba's threading layers only TBB is safe for both; GNU OpenMP breaks in a
-# forked child and the workqueue layer aborts on concurrent use. So TBB is pinned whenever it is
-# installed (a dependency where wheels exist) and the user has not chosen a layer; under the
-# workqueue layer, calls are serialized instead.
-
-
-def _pin_threading_layer():
-    if numba.config.THREADING_LAYER != "default":
-        return  # the user's choice
-    try:
-        from numba.np.ufunc import tbbpool  # noqa: F401  (loads libtbb or fails)
-    except ImportError:
-        return
-    numba.config.THREADING_LAYER = "tbb"
-
-
-def _threads_from_environment():
-    value = os.environ.get("ACCELBN_NUM_THREADS", "").strip()
-    if not value:
-        return None
-    limit = numba.config.NUMBA_NUM_THREADS
-    if not value.isdigit() or not 1 <= int(value) <= limit:
-        raise ValueError(f"ACCELBN_NUM_THREADS must be an integer from 1 to {limit} (NUMBA_NUM_THREADS), got {value!r}")
-    return int(value)
-
-
-_pin_threading_layer()
-_NUM_THREADS = _threads_from_environment()
-_ONE_AT_A_TIME = threading.Lock()
-
-
-def _thread_safe_layer():
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet: what Numba will pick
-        layer = numba.config.THREADING_LAYER
-    return layer in ("tbb", "omp", "safe", "threadsafe")
-
-
-def _parallel_entry(entry):
-    """Run an entry point's kernels on ACCELBN_NUM_THREADS threads when it is set (else on Numba's
-    count for the calling thread), one call at a time under a layer that is not thread-safe. Small
-    inputs (the first argument) run the serial kernels: no threads, nothing to set or guard."""
-
-    def serialized(*args):
-        with contextlib.nullcontext() if _thread_safe_layer() else _ONE_AT_A_TIME:
-            return entry(*args)
-
-    @functools.wraps(entry)
-    def call(*args):
-        if _is_small(args[0]):
-            return entry(*args)
-        if _NUM_THREADS is None:
-            return serialized(*args)
-        previous = numba.get_num_threads()
-        numba.set_num_threads(_NUM_THREADS)
-        try:
-            return serialized(*args)
-        finally:
-            numba.set_num_threads(previous)
-
-    return call
-
-
-# Inputs of at most this many elements run the serial twins of the parallel kernels: waking the
-# threads costs tens of microseconds, more than such an input's whole pass.
-SERIAL_MAX_ELEMENTS = 1 << 15
-
-_PARALLEL = SimpleNamespace()
-_SERIAL = SimpleNamespace()
-
-
-def _kernel(function):
-    """Compile a prange kernel twice: parallel (returned), and serial (prange runs as range), as the
-    attributes of _PARALLEL and _SERIAL named after it. Both do the same arithmetic in the same order,
-    so they give the same bits. The serial one is compiled from a renamed copy, so each has its own
-    disk cache."""
-    name = function.__name__.lstrip("_")
-    twin = FunctionType(function.__code__, function.__globals__, f"{function.__name__}_serial")
-    twin.__qualname__ = twin.__name__
-    setattr(_SERIAL, name, njit(**_OPTIONS)(twin))
-    setattr(_PARALLEL, name, njit(parallel=True, **_OPTIONS)(function))
-    return getattr(_PARALLEL, name)
-
-
-def _is_small(x):
-    return x.size <= SERIAL_MAX_ELEMENTS
-
-
-def _kernels(x):
-    """The kernels for ``x``: serial for small inputs, else parallel; chosen by size alone."""
-    return _SERIAL if _is_small(x) else _PARALLEL
-
-
-def _tasks(x, per_thread):
-    """How many tasks the kernels for ``x`` should split their work into: ``per_thread`` per thread
-    to balance the threads, or one for the serial kernels, whose every further task costs its own
-    parameter tables (and asking Numba for its thread count costs 0.7 us, a small input's whole pass)."""
-    return 1 if _is_small(x) else per_thread * numba.get_num_threads()
-
 
 _inverse_std = njit(inline="always", error_model="numpy")(inverse_std)
 _backward_coefficients = njit(inline="always", error_model="numpy")(backward_coefficients)

@@ -121,6 +121,9 @@ def random_array(shape, dtype=np.float32, seed=0, loc=0.0, scale=1.0):
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    """The CUDA kernels' register counts, under ``-v`` or when something failed: a quiet run is short."""
+    if config.option.verbose <= 0 and not terminalreporter.stats.get("failed"):
+        return
     from test_gpu_compile import registers_report
 
     for line in registers_report(config):

@@ -83,6 +83,7 @@ FORWARD_CASES = {
         "running_var is read-only",
     ),
     "negative eps": ({"eps": -1e-5}, ValueError, "eps must be a finite number >= 0.0"),
+    "zero eps in training": ({"eps": 0.0}, ValueError, "batch_norm eps must be positive during training, but got 0.0"),
     "nan momentum": ({"momentum": float("nan")}, ValueError, "momentum must be a finite number"),
     "string momentum": ({"momentum": "0.1"}, TypeError, "momentum must be a real number"),
     "training not bool": ({"training": "yes"}, TypeError, "training must be a bool"),
@@ -152,6 +153,27 @@ def test_cupy_without_a_device_says_so(monkeypatch):
     with pytest.raises(ValueError, match=r"backend 'cupy' is not available: CuPy sees no CUDA device \(CUDARuntimeError"):
         abn._backends.kernels_for(None, "cupy")
     assert "cupy" not in abn.available_backends()
+
+
+def test_layer_to_cupy_without_a_device_raises_what_backend_cupy_raises(monkeypatch):
+    import cupy
+
+    def no_driver():
+        raise cupy.cuda.runtime.CUDARuntimeError(35)
+
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", no_driver)
+    monkeypatch.setattr(abn._backends._GpuBackend, "_device_seen", False)
+    layer = abn.BatchNorm(4)
+    weight = layer.weight
+    with pytest.raises(ValueError, match=r"backend 'cupy' is not available: CuPy sees no CUDA device \(CUDARuntimeError"):
+        layer.to("cupy")
+    assert layer.weight is weight and layer.library == "numpy"
+
+
+def test_layer_to_cupy_without_cupy_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(abn._backends._BACKENDS["cupy"], "requires", "cupy_that_is_not_installed")
+    with pytest.raises(ValueError, match=r"backend 'cupy' is not available: install it with `pip install cupy-cuda13x\[ctk\]`"):
+        abn.BatchNorm(4).to("cupy")
 
 
 def test_missing_backend_says_how_to_install(monkeypatch):

@@ -76,6 +76,8 @@ def test_wrong_channel_count_changes_nothing():
         ({"eps": -1.0}, ValueError, "eps must be a finite number"),
         ({"momentum": "fast"}, TypeError, "momentum must be a real number"),
         ({"affine": 1}, TypeError, "affine must be a bool"),
+        ({"bias": "no"}, TypeError, "bias must be a bool"),
+        ({"affine": False, "bias": 0}, TypeError, "bias must be a bool"),
         ({"dtype": np.int32}, TypeError, "dtype must be float16, bfloat16, float32 or float64"),
         ({"axis": "last"}, TypeError, "axis must be an int"),
     ],

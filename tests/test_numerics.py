@@ -159,7 +159,7 @@ PATHS = [
 @pytest.mark.parametrize("shape, axis", PATHS, ids=["NCHW", "7x7", "rows-of-7", "long-rows", "NC", "NHWC", "NC-3"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_kernel_paths_agree_bitwise_and_match_the_reference(monkeypatch, shape, axis, dtype):
-    from accelbn.backends import numba_cpu
+    from accelbn.backends import _numba_runtime, numba_cpu
 
     x = random_array(shape, dtype, loc=3.0)
     dy = random_array(shape, dtype, seed=1)
@@ -175,7 +175,7 @@ def test_kernel_paths_agree_bitwise_and_match_the_reference(monkeypatch, shape, 
     ]:
         monkeypatch.setattr(numba_cpu, "STREAM_MIN_BYTES", stream_min)
         monkeypatch.setattr(numba_cpu, "CACHED_SLICE_BYTES", cached_slice)
-        monkeypatch.setattr(numba_cpu, "SERIAL_MAX_ELEMENTS", serial_max)
+        monkeypatch.setattr(_numba_runtime, "SERIAL_MAX_ELEMENTS", serial_max)
         for offset in (0, 1):  # out= one element past a line boundary: unaligned heads and tails
             out = np.empty(x.size + offset, dtype)[offset:].reshape(shape)
             y = abn.batch_norm(x, None, None, training=True, axis=axis, out=out)

@@ -1,5 +1,6 @@
-"""Safe wherever it is called: Python threads, forked and spawned children, thread-count settings,
-and a compile cache shared by processes. Results must be bitwise those of a serial call."""
+"""Safe wherever it is called: Python threads, forked and spawned children (with TBB, and where no
+TBB can be loaded), thread-count settings, and a compile cache shared by processes. Results must be
+bitwise those of a serial call. Nothing here waits on a child process without a bound."""
 
 import concurrent.futures
 import multiprocessing
@@ -13,6 +14,10 @@ import numpy as np
 import pytest
 
 import accelbn as abn
+from accelbn.backends import _numba_runtime
+
+# Seconds a child process may take before the test fails (a hang becomes a failure, not a stall).
+CHILD_TIMEOUT = 300
 
 # Large enough for every kernel family to run in parallel with streaming stores (8 MB outputs), and
 # one small enough for the serial kernels.
@@ -47,15 +52,87 @@ def test_tbb_threading_layer_is_pinned():
     # tbb is a dependency on this platform; no other layer is both thread- and fork-safe.
     _work(0)
     assert numba.threading_layer() == "tbb"
+    assert _numba_runtime.NOT_TBB_REASON is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_tbb_is_the_wheels_copy_whatever_the_loader_finds():
+    # The loader does not search <prefix>/lib, where the tbb wheel puts libtbb: a machine with a
+    # system TBB would hide a failure to load the wheel's copy. The copy mapped must be the wheel's.
+    code = """
+        import numpy as np, accelbn as abn
+        from accelbn.backends import _numba_runtime
+        abn.batch_norm(np.ones((512, 64, 2), np.float32), None, None, training=True)  # parallel kernels
+        maps = open("/proc/self/maps").read().split()
+        print(_numba_runtime._tbb_wheel_library())
+        print(sorted({p for p in maps if "libtbb.so" in p}))
+    """
+    wheel, mapped = _run(code).splitlines()
+    assert wheel != "None", "the tbb wheel's library was not found"
+    assert mapped == repr([wheel])
+
+
+def _pool_digests(method, seeds):
+    """Digests of _work(seed) for each seed, computed in a pool of ``method`` children."""
+    context = multiprocessing.get_context(method)
+    with context.Pool(2) as pool:
+        try:
+            return pool.map_async(_work, seeds, chunksize=1).get(timeout=CHILD_TIMEOUT)
+        except multiprocessing.TimeoutError:
+            raise AssertionError(f"{method} children gave no result within {CHILD_TIMEOUT} s") from None
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_child_process_after_parent_used_the_kernels(method):
     seeds = [0, 1, 2]
     expected = _serial(seeds)  # the parent has now run every kernel family
-    context = multiprocessing.get_context(method)
-    with context.Pool(2) as pool:
-        assert pool.map(_work, seeds, chunksize=1) == expected
+    assert _pool_digests(method, seeds) == expected
+
+
+# A parent that runs every kernel family in parallel, then forks children that run them too. Under
+# GNU OpenMP a forked child may not launch threads (Numba terminates it) and under workqueue it has
+# none: the children must run the serial kernels and give the parent's bits.
+_FORKING_PARENT = """
+    import sys
+    if {hide_tbb}:
+        sys.modules["numba.np.ufunc.tbbpool"] = None  # as on a machine where no TBB loads
+    sys.path.insert(0, {tests!r})
+    import numba
+    from accelbn.backends import _numba_runtime
+    from test_threads import _pool_digests, _serial
+    seeds = [0, 1, 2, 3]
+    expected = _serial(seeds)  # the parent runs every kernel family, in parallel, before forking
+    assert _pool_digests("fork", seeds) == expected
+    print(_numba_runtime.threading_layer())
+    print(_numba_runtime.NOT_TBB_REASON)
+"""
+
+
+@pytest.mark.parametrize(
+    ("environment", "hide_tbb", "layer", "reason"),
+    [
+        ({}, True, "omp", "Numba's TBB layer did not load"),
+        ({"NUMBA_THREADING_LAYER": "omp"}, False, "omp", "NUMBA_THREADING_LAYER=omp chosen by the environment"),
+        ({"NUMBA_THREADING_LAYER": "workqueue"}, False, "workqueue", "NUMBA_THREADING_LAYER=workqueue"),
+    ],
+    ids=["no-tbb", "omp", "workqueue"],
+)
+def test_forked_children_without_tbb_run_serially_and_agree(environment, hide_tbb, layer, reason):
+    code = _FORKING_PARENT.format(hide_tbb=hide_tbb, tests=os.path.dirname(__file__))
+    used, why = _run(code, **environment).splitlines()
+    assert used == layer
+    assert why.startswith(reason)
+
+
+def test_info_says_why_the_layer_is_not_tbb():
+    code = """
+        import sys
+        sys.modules["numba.np.ufunc.tbbpool"] = None
+        from accelbn import _info
+        _info.print_info()
+    """
+    lines = dict(line.split(": ", 1) for line in _run(code).splitlines())
+    assert lines["numba threading layer"].startswith("omp (not tbb: Numba's TBB layer did not load (")
 
 
 def _run(code, **env):
@@ -65,7 +142,7 @@ def _run(code, **env):
         env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=CHILD_TIMEOUT,
     )
     assert process.returncode == 0, process.stderr
     return process.stdout
@@ -104,10 +181,10 @@ def test_workqueue_layer_is_serialized_not_aborted():
 def test_accelbn_num_threads_is_honoured_and_restored():
     code = """
         import numba, numpy as np, accelbn as abn
-        from accelbn.backends import numba_cpu
+        from accelbn.backends import _numba_runtime
         abn.batch_norm(np.ones((4, 3), np.float32), None, None, training=True)
-        large = np.empty(numba_cpu.SERIAL_MAX_ELEMENTS + 1)  # small inputs run serial kernels: no threads to set
-        seen = numba_cpu._parallel_entry(lambda x: numba.get_num_threads())(large)
+        large = np.empty(_numba_runtime.SERIAL_MAX_ELEMENTS + 1)  # small inputs run serial kernels: no threads to set
+        seen = _numba_runtime.parallel_entry(lambda x: numba.get_num_threads())(large)
         print(seen, numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS)
     """
     assert _run(code, ACCELBN_NUM_THREADS="1").split() == ["1", "True"]
@@ -115,12 +192,10 @@ def test_accelbn_num_threads_is_honoured_and_restored():
 
 
 def test_numba_set_num_threads_is_honoured():
-    from accelbn.backends import numba_cpu
-
     numba.set_num_threads(1)
     try:
-        large = np.empty(numba_cpu.SERIAL_MAX_ELEMENTS + 1)
-        assert numba_cpu._parallel_entry(lambda x: numba.get_num_threads())(large) == 1
+        large = np.empty(_numba_runtime.SERIAL_MAX_ELEMENTS + 1)
+        assert _numba_runtime.parallel_entry(lambda x: numba.get_num_threads())(large) == 1
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
@@ -132,7 +207,7 @@ def test_bad_accelbn_num_threads_is_a_clear_error(value):
         env={**os.environ, "ACCELBN_NUM_THREADS": value},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=CHILD_TIMEOUT,
     )
     assert process.returncode != 0
     assert "ACCELBN_NUM_THREADS must be an integer from 1 to" in process.stderr
@@ -144,7 +219,11 @@ def test_processes_compiling_into_one_empty_cache_at_once(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     command = [sys.executable, "-c", textwrap.dedent(_CHILD.format(tests=os.path.dirname(__file__)))]
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
-    digests = [p.communicate(timeout=600)[0].strip() for p in processes]
+    try:
+        digests = [p.communicate(timeout=2 * CHILD_TIMEOUT)[0].strip() for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
     assert [p.returncode for p in processes] == [0] * 4
     assert any(tmp_path.rglob("*.nbc")), "nothing was cached"
     assert len(set(digests)) == 1 and digests[0]

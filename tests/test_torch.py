@@ -87,19 +87,25 @@ def _run_both(layer, module, batches, training_flags):
         {"track_running_stats": False},
         {"affine": False},
         {"affine": False, "track_running_stats": False, "momentum": None},
+        {"bias": False},
+        {"affine": False, "bias": False},
     ],
-    ids=["default", "cumulative", "momentum-eps", "no-running-stats", "no-affine", "bare"],
+    ids=["default", "cumulative", "momentum-eps", "no-running-stats", "no-affine", "bare", "no-bias", "no-affine-no-bias"],
 )
 def test_layer_matches_batchnorm2d_over_train_and_eval_steps(backend, kwargs, monkeypatch):
     monkeypatch.setattr(abn._layer, "batch_norm", _with_backend(abn._layer.batch_norm, backend))
     layer = abn.BatchNorm(3, **kwargs)
     module = torch.nn.BatchNorm2d(3, **kwargs)
+    assert list(layer.state_dict()) == list(module.state_dict())
     if layer.affine:
         layer.weight[:] = [0.5, 1.0, 2.0]
-        layer.bias[:] = [0.1, -0.2, 0.3]
         with torch.no_grad():
             module.weight.copy_(_t(layer.weight))
+    if layer.bias is not None:
+        layer.bias[:] = [0.1, -0.2, 0.3]
+        with torch.no_grad():
             module.bias.copy_(_t(layer.bias))
+    assert (layer.bias is None) == (module.bias is None)
     batches = [random_array((4, 3, 5, 5), seed=s, loc=s, scale=1 + s) for s in range(5)]
     _run_both(layer, module, batches, [True, True, False, True, False])
 
@@ -146,10 +152,11 @@ def test_state_dict_has_torch_keys_shapes_and_dtypes():
         assert str(got[name].dtype) == str(value.dtype).removeprefix("torch."), name
 
 
-def test_layer_backward_matches_autograd():
-    layer = abn.BatchNorm(3, dtype=np.float64)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_layer_backward_matches_autograd(bias):
+    layer = abn.BatchNorm(3, dtype=np.float64, bias=bias)
     layer.weight[:] = [0.5, 1.5, -1.0]
-    module = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    module = torch.nn.BatchNorm2d(3, dtype=torch.float64, bias=bias)
     module.load_state_dict({k: torch.from_numpy(v) for k, v in layer.state_dict().items()})
     x = random_array((4, 3, 5, 5), np.float64, loc=2.0)
     dy = random_array(x.shape, np.float64, seed=1)
@@ -162,4 +169,24 @@ def test_layer_backward_matches_autograd():
         layer(x)
         assert rel_error(layer.backward(dy), tx.grad.numpy()) < 1e-10
         assert rel_error(layer.grad_weight, module.weight.grad.numpy()) < 1e-10
-        assert rel_error(layer.grad_bias, module.bias.grad.numpy()) < 1e-10
+        if bias:
+            assert rel_error(layer.grad_bias, module.bias.grad.numpy()) < 1e-10
+        else:
+            assert layer.grad_bias is None
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_zero_eps_is_rejected_in_training_as_torch_rejects_it(training):
+    x = random_array((4, 3))
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    layer, module = abn.BatchNorm(3, eps=0.0).train(training), torch.nn.BatchNorm1d(3, eps=0.0).train(training)
+    if not training:
+        np.testing.assert_allclose(layer(x), module(_t(x)).detach().numpy(), rtol=1e-6)
+        assert rel_error(abn.batch_norm(x, rm, rv, eps=0.0), F.batch_norm(_t(x), _t(rm), _t(rv), eps=0.0).numpy()) < 2e-5
+        return
+    with pytest.raises(ValueError) as expected:
+        module(_t(x))
+    with pytest.raises(ValueError) as got:
+        layer(x)
+    assert str(got.value) == str(expected.value)
+    assert int(layer.num_batches_tracked) == 0

@@ -1,0 +1,241 @@
+"""How the Numba kernels are compiled and run: the threading layer, thread counts, the serial twins
+of the parallel kernels, what happens in a forked child, and the notice printed while compiling.
+
+Threads and processes. The kernels are nogil, so Python threads call them at once, and users fork
+worker processes after using them. Of Numba's threading layers only TBB is safe for both: GNU
+OpenMP terminates a child forked after the parent ran a parallel region, and the workqueue layer
+aborts on concurrent use (and a forked child inherits none of its threads). So TBB is pinned
+whenever it can be loaded and the user has not chosen a layer. The ``tbb`` wheel (a dependency where
+wheels exist) installs its library in ``<prefix>/lib``, where the dynamic loader does not look, so it
+is loaded from there by path before Numba asks for it. Where no TBB can be had, a child forked
+after the parent launched Numba's threads runs the serial twins of the kernels (same bits, one
+core) instead of hanging or being terminated, and under the workqueue layer calls are serialized.
+"""
+
+import contextlib
+import functools
+import importlib.metadata
+import os
+import sys
+import threading
+from types import FunctionType, SimpleNamespace
+
+import numba
+from numba import njit
+from numba.core import event
+
+# On-disk cache: compiling a kernel costs seconds, loading it tens of milliseconds. Numba's cache
+# is safe for processes compiling into one directory at once (tests/test_threads.py): each index
+# and object file is written to a temporary name and renamed into place.
+OPTIONS = dict(error_model="numpy", cache=True, nogil=True)
+
+# Inputs of at most this many elements run the serial twins of the parallel kernels: waking the
+# threads costs tens of microseconds, more than such an input's whole pass.
+SERIAL_MAX_ELEMENTS = 1 << 15
+
+# --- the threading layer --------------------------------------------------------------------------
+
+_TBB_LIBRARIES = ("libtbb.so.12", "tbb12.dll")
+
+
+def _tbb_wheel_library():
+    """The path of the TBB library that the ``tbb`` distribution installed, or None."""
+    try:
+        files = importlib.metadata.files("tbb") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name in _TBB_LIBRARIES:
+            path = file.locate()
+            if os.path.exists(path):
+                return os.path.realpath(path)
+    return None
+
+
+def _load_tbb():
+    """Load Numba's TBB pool, preferring the ``tbb`` wheel's library; None, or why it failed."""
+    import ctypes
+
+    library = _tbb_wheel_library()
+    if library is not None:
+        try:  # once loaded under its soname, the loader hands this copy to Numba's extension
+            ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            return f"the tbb wheel's {library} did not load ({e})"
+    try:
+        from numba.np.ufunc import tbbpool  # noqa: F401  (loads libtbb or fails)
+    except ImportError as e:
+        hint = "" if library is not None else "; `pip install tbb` provides it"
+        return f"Numba's TBB layer did not load ({e}){hint}"
+    return None
+
+
+def _pin_threading_layer():
+    """Pin TBB unless the user chose a layer. Returns why TBB is not the layer, or None."""
+    if numba.config.THREADING_LAYER != "default":
+        if numba.config.THREADING_LAYER == "tbb":
+            return None
+        return f"NUMBA_THREADING_LAYER={numba.config.THREADING_LAYER} chosen by the environment"
+    failure = _load_tbb()
+    if failure is None:
+        numba.config.THREADING_LAYER = "tbb"
+    return failure
+
+
+NOT_TBB_REASON = _pin_threading_layer()
+
+
+def threading_layer():
+    """Numba's threading layer for accelbn's kernels, launching Numba's threads if need be."""
+    numba.get_num_threads()  # launches the threads, which picks the layer
+    return numba.threading_layer()
+
+
+# --- forked children ------------------------------------------------------------------------------
+
+_serial_only = False  # set in a child forked after its parent launched a layer that is not fork-safe
+
+
+def _after_fork_in_child():
+    global _serial_only
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # the parent never launched Numba's threads: the child launches its own
+        return
+    if layer != "tbb":
+        _serial_only = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def serial_only():
+    """Whether this process may run only the serial kernels (a child forked from a parent that ran
+    Numba's threads under a layer that is not fork-safe)."""
+    return _serial_only
+
+
+# --- thread counts and serialization ---------------------------------------------------------------
+
+
+def _threads_from_environment():
+    value = os.environ.get("ACCELBN_NUM_THREADS", "").strip()
+    if not value:
+        return None
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not value.isdigit() or not 1 <= int(value) <= limit:
+        raise ValueError(f"ACCELBN_NUM_THREADS must be an integer from 1 to {limit} (NUMBA_NUM_THREADS), got {value!r}")
+    return int(value)
+
+
+_NUM_THREADS = _threads_from_environment()
+_ONE_AT_A_TIME = threading.Lock()
+
+
+def _thread_safe_layer():
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: what Numba will pick
+        layer = numba.config.THREADING_LAYER
+    return layer in ("tbb", "omp", "safe", "threadsafe")
+
+
+def runs_serial(x):
+    """Whether work on ``x`` (the first argument of an entry point) runs the serial kernels: small
+    inputs always, everything in a child that must not launch threads. Decided by the size, so the
+    thread count and the path never change a result."""
+    return x.size <= SERIAL_MAX_ELEMENTS or _serial_only
+
+
+def tasks(x, per_thread):
+    """How many tasks the kernels for ``x`` should split their work into: ``per_thread`` per thread
+    to balance the threads, or one for the serial kernels, whose every further task costs its own
+    parameter tables (and asking Numba for its thread count costs 0.7 us, a small input's whole pass)."""
+    return 1 if runs_serial(x) else per_thread * numba.get_num_threads()
+
+
+def parallel_entry(entry):
+    """Run an entry point's kernels on ACCELBN_NUM_THREADS threads when it is set (else on Numba's
+    count for the calling thread), one call at a time under a layer that is not thread-safe. Serial
+    work (:func:`runs_serial`) has no threads to set or guard."""
+
+    def serialized(*args):
+        with contextlib.nullcontext() if _thread_safe_layer() else _ONE_AT_A_TIME:
+            return entry(*args)
+
+    @functools.wraps(entry)
+    def call(*args):
+        with _compile_notice(args[0]):
+            if runs_serial(args[0]):
+                return entry(*args)
+            if _NUM_THREADS is None:
+                return serialized(*args)
+            previous = numba.get_num_threads()
+            numba.set_num_threads(_NUM_THREADS)
+            try:
+                return serialized(*args)
+            finally:
+                numba.set_num_threads(previous)
+
+    return call
+
+
+# --- parallel kernels and their serial twins ------------------------------------------------------
+
+PARALLEL = SimpleNamespace()
+SERIAL = SimpleNamespace()
+_KERNELS = set()  # the dispatchers of both twins, whose compiles announce themselves
+
+
+def kernel(function):
+    """Compile a prange kernel twice: parallel (returned), and serial (prange runs as range), as the
+    attributes of PARALLEL and SERIAL named after it. Both do the same arithmetic in the same order,
+    so they give the same bits. The serial one is compiled from a renamed copy, so each has its own
+    disk cache. Nothing compiles until a kernel is first called with a new dtype and layout."""
+    name = function.__name__.lstrip("_")
+    twin = FunctionType(function.__code__, function.__globals__, f"{function.__name__}_serial")
+    twin.__qualname__ = twin.__name__
+    setattr(SERIAL, name, njit(**OPTIONS)(twin))
+    setattr(PARALLEL, name, njit(parallel=True, **OPTIONS)(function))
+    _KERNELS.update((getattr(SERIAL, name), getattr(PARALLEL, name)))
+    return getattr(PARALLEL, name)
+
+
+def kernels(x):
+    """The kernels for ``x``: serial or parallel, as :func:`runs_serial` says."""
+    return SERIAL if runs_serial(x) else PARALLEL
+
+
+# --- the compile notice ----------------------------------------------------------------------------
+# Compiling a kernel for a new dtype takes seconds and happens once per machine (the result is
+# cached on disk), so an entry point that is about to compile one says so on stderr, once per call.
+
+_call = threading.local()
+
+
+@contextlib.contextmanager
+def _compile_notice(x):
+    _call.dtype, _call.announced = x.dtype, False
+    try:
+        yield
+    finally:
+        _call.dtype = None
+
+
+class _CompileListener(event.Listener):
+    def on_start(self, ev):
+        if getattr(_call, "dtype", None) is None or _call.announced or ev.data["dispatcher"] not in _KERNELS:
+            return
+        _call.announced = True
+        print(
+            f"accelbn: compiling CPU kernels for {_call.dtype.name}, first use only "
+            "(`python -m accelbn compile` does it ahead of time)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_end(self, ev):
+        pass
+
+
+event.register("numba:compile", _CompileListener())
