@@ -1,5 +1,6 @@
 """The command line, ``python -m accelbn``: argument parsing only; the commands live in
-:mod:`accelbn._info` (``info``) and :mod:`accelbn._bench` (``bench``)."""
+:mod:`accelbn._info` (``info``), :mod:`accelbn._compile` (``compile``) and :mod:`accelbn._bench`
+(``bench``)."""
 
 import argparse
 import sys
@@ -19,6 +20,9 @@ def _parser():
     parser = argparse.ArgumentParser(prog="python -m accelbn", description="accelbn command line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     commands.add_parser("info", help="versions, backends, Numba threading and CPU, one 'key: value' per line")
+    commands.add_parser(
+        "compile", help="compile every CPU kernel into Numba's on-disk cache ahead of time (for images and CI)"
+    )
     bench = commands.add_parser(
         "bench", help="time accelbn against a memory copy, NumPy, PyTorch CPU and ONNX Runtime"
     )
@@ -32,11 +36,15 @@ def _parser():
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    # Imported per command: bench needs Numba, and info must still work without it.
+    # Imported per command: bench and compile need Numba, and info must still work without it.
     if args.command == "info":
         from accelbn import _info
 
         _info.print_info()
+    elif args.command == "compile":
+        from accelbn import _compile
+
+        _compile.run()
     else:
         from accelbn import _bench
 

@@ -182,6 +182,12 @@ def parallel_entry(entry):
 
 # --- parallel kernels and their serial twins ------------------------------------------------------
 
+# Only explicit prange loops run in parallel: Numba's passes that would turn array expressions into
+# parallel loops find nothing to do in these kernels, and cost compile time looking.
+_PRANGE_ONLY = dict(
+    prange=True, fusion=False, comprehension=False, reduction=False, inplace_binop=False, setitem=False, numpy=False, stencil=False
+)
+
 PARALLEL = SimpleNamespace()
 SERIAL = SimpleNamespace()
 _KERNELS = set()  # the dispatchers of both twins, whose compiles announce themselves
@@ -196,7 +202,7 @@ def kernel(function):
     twin = FunctionType(function.__code__, function.__globals__, f"{function.__name__}_serial")
     twin.__qualname__ = twin.__name__
     setattr(SERIAL, name, njit(**OPTIONS)(twin))
-    setattr(PARALLEL, name, njit(parallel=True, **OPTIONS)(function))
+    setattr(PARALLEL, name, njit(parallel=_PRANGE_ONLY, **OPTIONS)(function))
     _KERNELS.update((getattr(SERIAL, name), getattr(PARALLEL, name)))
     return getattr(PARALLEL, name)
 
@@ -211,11 +217,12 @@ def kernels(x):
 # cached on disk), so an entry point that is about to compile one says so on stderr, once per call.
 
 _call = threading.local()
+announce_compiles = True  # off while `python -m accelbn compile` reports for itself
 
 
 @contextlib.contextmanager
 def _compile_notice(x):
-    _call.dtype, _call.announced = x.dtype, False
+    _call.dtype, _call.announced = x.dtype, not announce_compiles
     try:
         yield
     finally:

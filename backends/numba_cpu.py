@@ -82,6 +82,25 @@ def _scale(var, weight, eps):
     return scale
 
 
+# Array loops written out rather than as NumPy expressions (``a[:] = 0.0``, ``np.isfinite(a).all()``,
+# slice assignments): each NumPy feature compiles Numba's generic implementation on first use, with its
+# error-message formatting, which cost seconds of a cold first call.
+
+
+@njit(inline="always", error_model="numpy")
+def _zero(a):
+    for i in range(a.shape[0]):
+        a[i] = 0.0
+
+
+@njit(inline="always", error_model="numpy")
+def _all_finite(a):
+    for i in range(a.shape[0]):
+        if not np.isfinite(a[i]):
+            return False
+    return True
+
+
 # --- scalars in the element dtype ---------------------------------------------------------------
 
 
@@ -539,7 +558,8 @@ def _spread(values, inner):
     """The table of a block's run: ``inner`` copies of each per-channel value, in channel order."""
     table = np.empty(values.shape[0] * inner, values.dtype)
     for c in range(values.shape[0]):
-        table[c * inner : (c + 1) * inner] = values[c]
+        for j in range(c * inner, (c + 1) * inner):
+            table[j] = values[c]
     return table
 
 
@@ -582,7 +602,8 @@ def _block_moments(x, inner, c0, c1, r0, r1, mean, m2):
     column = np.zeros(width)
     shift = np.empty(width)
     for c in range(c1 - c0):
-        shift[c * inner : (c + 1) * inner] = np.float64(x[r0, j0 + c * inner])
+        for j in range(c * inner, (c + 1) * inner):
+            shift[j] = np.float64(x[r0, j0 + c * inner])
     for q in range(r0, r1, STREAM_ROW_RUN):
         q1 = min(q + STREAM_ROW_RUN, r1)
         for r in range(q1, q1 + STREAM_ROW_RUN):
@@ -591,8 +612,9 @@ def _block_moments(x, inner, c0, c1, r0, r1, mean, m2):
     n = np.float64((r1 - r0) * inner)
     for c in range(c1 - c0):
         mean[c] = shift[c * inner] + _sum(column[c * inner : (c + 1) * inner]) / n
-        shift[c * inner : (c + 1) * inner] = mean[c]
-    column[:] = 0.0
+        for j in range(c * inner, (c + 1) * inner):
+            shift[j] = mean[c]
+            column[j] = 0.0
     _squared_deviation_columns((column,), (x,), j0, r0, r1, width, (shift, np.zeros(width)))  # a float64 mean: no remainder
     for c in range(c1 - c0):
         m2[c] = _sum(column[c * inner : (c + 1) * inner])
@@ -609,7 +631,8 @@ def _block_gradient_sums(dy, x, inner, c0, c1, r0, r1, mean, sum_dy, sum_dy_xmu)
     column_dy_xmu = np.zeros(width)
     center = np.empty(width)
     for c in range(c0, c1):
-        center[(c - c0) * inner : (c - c0 + 1) * inner] = mean[c]
+        for j in range((c - c0) * inner, (c - c0 + 1) * inner):
+            center[j] = mean[c]
     for q in range(r0, r1, STREAM_ROW_RUN):
         q1 = min(q + STREAM_ROW_RUN, r1)
         for r in range(q1, q1 + STREAM_ROW_RUN):
@@ -677,8 +700,9 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
             for c in range(c1 - c0):
                 total_dy[c] += chunk_dy[c]
                 total_dy_xmu[c] += chunk_dy_xmu[c]
-        sum_dy[c0:c1] = total_dy
-        sum_dy_xmu[c0:c1] = total_dy_xmu
+        for c in range(c0, c1):
+            sum_dy[c] = total_dy[c - c0]
+            sum_dy_xmu[c] = total_dy_xmu[c - c0]
         j0 = c0 * inner
         j1 = c1 * inner
         if training:
@@ -812,9 +836,9 @@ def _block_rows(channels):
 @njit(**_OPTIONS)
 def _columns_shifted(x, r0, r1, shift, run, total):
     """total[c] = sum of x[r, c] - shift[c] over rows [r0, r1), in runs accumulated in run's dtype."""
-    total[:] = 0.0
+    _zero(total)
     for q in range(r0, r1, ROW_RUN):
-        run[:] = 0.0
+        _zero(run)
         _shifted_columns((run,), (x,), 0, q, min(q + ROW_RUN, r1), x.shape[1], (shift,))
         for c in range(x.shape[1]):
             total[c] += np.float64(run[c])
@@ -822,9 +846,9 @@ def _columns_shifted(x, r0, r1, shift, run, total):
 
 @njit(**_OPTIONS)
 def _columns_squared_deviations(x, r0, r1, mean_hi, mean_lo, run, total):
-    total[:] = 0.0
+    _zero(total)
     for q in range(r0, r1, ROW_RUN):
-        run[:] = 0.0
+        _zero(run)
         _squared_deviation_columns((run,), (x,), 0, q, min(q + ROW_RUN, r1), x.shape[1], (mean_hi, mean_lo))
         for c in range(x.shape[1]):
             total[c] += np.float64(run[c])
@@ -843,7 +867,7 @@ def _row_block_moments(x, r0, r1, mean, m2):
     shift = x[r0].copy()
     run = np.empty(channels, x.dtype)
     _columns_shifted(x, r0, r1, shift, run, mean)
-    if not np.isfinite(mean).all():
+    if not _all_finite(mean):
         _columns_shifted(x, r0, r1, shift.astype(np.float64), np.empty(channels), mean)
     hi = np.empty(channels, x.dtype)
     lo = np.empty(channels, x.dtype)
@@ -851,7 +875,7 @@ def _row_block_moments(x, r0, r1, mean, m2):
         mean[c] = np.float64(shift[c]) + mean[c] / (r1 - r0)
         hi[c], lo[c] = _split(x, mean[c])
     _columns_squared_deviations(x, r0, r1, hi, lo, run, m2)
-    if not np.isfinite(m2).all():
+    if not _all_finite(m2):
         _columns_squared_deviations(x, r0, r1, mean, np.zeros(channels), np.empty(channels), m2)
 
 
@@ -859,8 +883,8 @@ def _row_block_moments(x, r0, r1, mean, m2):
 def _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu):
     """Sums of dy and dy * (x - mean) over rows [r0, r1) of the (rows, C) dy and x, in float64
     throughout, as :func:`_gradient_sums`; STREAM_ROW_RUN rows at a time, each over all columns."""
-    sum_dy[:] = 0.0
-    sum_dy_xmu[:] = 0.0
+    _zero(sum_dy)
+    _zero(sum_dy_xmu)
     for q in range(r0, r1, STREAM_ROW_RUN):
         _gradient_columns((sum_dy, sum_dy_xmu), (dy, x), 0, q, min(q + STREAM_ROW_RUN, r1), x.shape[1], (mean,))
 
@@ -980,7 +1004,7 @@ def _merge_moments(count, part_mean, part_m2, mean, var):
     """Merge the parts in part order into each channel's mean and biased variance. Parts go in the
     outer loop, so the loop over channels vectorizes (thousands of row blocks for channels-last)."""
     m2 = np.zeros(mean.shape[0])
-    mean[:] = 0.0
+    _zero(mean)
     n = 0.0
     for p in range(part_mean.shape[0]):
         for c in range(mean.shape[0]):
@@ -992,7 +1016,7 @@ def _merge_moments(count, part_mean, part_m2, mean, var):
 
 @njit(**_OPTIONS)
 def _sum_parts(parts, total):
-    total[:] = 0.0
+    _zero(total)
     for p in range(parts.shape[0]):
         for c in range(parts.shape[1]):
             total[c] += parts[p, c]
@@ -1037,9 +1061,8 @@ def _cyclic(params, width):
     channels = params.shape[1]
     table = np.empty((params.shape[0], channels + width), params.dtype)
     for r in range(params.shape[0]):
-        table[r, :channels] = params[r]
-        for j in range(channels, channels + width):
-            table[r, j] = table[r, j - channels]
+        for j in range(channels + width):
+            table[r, j] = params[r, j % channels]
     return table
 
 
@@ -1198,3 +1221,37 @@ def backward(dy, x, mean, invstd, weight, training, dx):
         kernels.gradient_channels_first(dy, x, params, target.array, _segment_tasks(x), stream)
     target.finish()
     return sum_dy, sum_dy_xmu
+
+
+# --- ahead-of-time compilation --------------------------------------------------------------------
+
+
+def precompile(dtype, serial):
+    """Compile, or load from Numba's cache, every kernel that the entry points can call on C-ordered
+    ``dtype`` arrays: each layout family (long rows, short rows, channels-last), each path (fused
+    per channel or block, and chunked), train, eval and both backwards, with the serial or the
+    parallel kernels. Views in other memory orders compile their own variants on first use.
+
+    The path thresholds are changed for the length of the call, so it is for a process of its own
+    (``python -m accelbn compile``), not one that is running accelbn meanwhile."""
+    import numba
+
+    from accelbn.backends import _numba_runtime
+
+    global CACHED_SLICE_BYTES
+    saved = CACHED_SLICE_BYTES, _numba_runtime.SERIAL_MAX_ELEMENTS
+    _numba_runtime.SERIAL_MAX_ELEMENTS = (1 << 62) if serial else 0
+    channels = 4 * (1 if serial else numba.get_num_threads())  # enough for the fused paths
+    try:
+        for CACHED_SLICE_BYTES in (saved[0], 0):  # fused where slices fit, then chunked
+            for inner in (SHORT_ROW, 7, 1):
+                x = np.ones((2, channels, inner), dtype)
+                x[1] = 2.0
+                out = np.empty_like(x)
+                weight, zero, one = np.ones(channels), np.zeros(channels), np.ones(channels)
+                mean, var = forward_train(x, weight, zero, 1e-5, out)
+                normalize(x, mean, var, weight, zero, 1e-5, out)
+                for training in (True, False):
+                    backward(x, x, mean, one, weight, training, out)
+    finally:
+        CACHED_SLICE_BYTES, _numba_runtime.SERIAL_MAX_ELEMENTS = saved

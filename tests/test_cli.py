@@ -64,6 +64,17 @@ def test_info_prints_version_and_backends():
 
 
 @pytest.mark.slow
+def test_compile_reports_each_job_and_the_total():
+    result = run_cli("compile", timeout=900)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    jobs = sorted(line.split(":")[0] for line in lines[:-1])
+    assert jobs == sorted(f"{d} {k} kernels" for d in ("float32", "float64") for k in ("serial", "parallel"))
+    assert lines[-1].startswith("all CPU kernels compiled or loaded from the cache in ")
+    assert "accelbn: compiling" not in result.stderr  # the command reports for itself
+
+
+@pytest.mark.slow
 def test_bench_quick_has_a_row_per_shape_and_pass():
     result = run_cli("bench", "--quick", "--repeat", "1")
     assert result.returncode == 0, result.stderr
