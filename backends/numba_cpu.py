@@ -29,11 +29,13 @@ outputs of ``STREAM_MIN_BYTES`` or more are written with streaming stores, so wr
 pass over memory instead of two.
 """
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
 from accelbn._formulas import backward_coefficients, gradient_factors, inverse_std
+from accelbn.backends import _numba_runtime
 from accelbn.backends._lines import LINE_BYTES, column_sweep, fma, line_kernel, prefetch, store_fence, unit_stride
 from accelbn.backends._numba_runtime import (
     OPTIONS as _OPTIONS,
@@ -1234,24 +1236,21 @@ def precompile(dtype, serial):
 
     The path thresholds are changed for the length of the call, so it is for a process of its own
     (``python -m accelbn compile``), not one that is running accelbn meanwhile."""
-    import numba
-
-    from accelbn.backends import _numba_runtime
-
     global CACHED_SLICE_BYTES
-    saved = CACHED_SLICE_BYTES, _numba_runtime.SERIAL_MAX_ELEMENTS
+    saved_slice, saved_serial = CACHED_SLICE_BYTES, _numba_runtime.SERIAL_MAX_ELEMENTS
     _numba_runtime.SERIAL_MAX_ELEMENTS = (1 << 62) if serial else 0
-    channels = 4 * (1 if serial else numba.get_num_threads())  # enough for the fused paths
+    channels = 4 * numba.get_num_threads()  # enough for the fused paths
+    weight, zero = np.ones(channels), np.zeros(channels)
     try:
-        for CACHED_SLICE_BYTES in (saved[0], 0):  # fused where slices fit, then chunked
-            for inner in (SHORT_ROW, 7, 1):
+        for cached_slice in (saved_slice, 0):  # fused where slices fit, then chunked
+            CACHED_SLICE_BYTES = cached_slice
+            for inner in (SHORT_ROW, SHORT_ROW - 1, 1):
                 x = np.ones((2, channels, inner), dtype)
                 x[1] = 2.0
                 out = np.empty_like(x)
-                weight, zero, one = np.ones(channels), np.zeros(channels), np.ones(channels)
                 mean, var = forward_train(x, weight, zero, 1e-5, out)
                 normalize(x, mean, var, weight, zero, 1e-5, out)
                 for training in (True, False):
-                    backward(x, x, mean, one, weight, training, out)
+                    backward(x, x, mean, weight, weight, training, out)
     finally:
-        CACHED_SLICE_BYTES, _numba_runtime.SERIAL_MAX_ELEMENTS = saved
+        CACHED_SLICE_BYTES, _numba_runtime.SERIAL_MAX_ELEMENTS = saved_slice, saved_serial
