@@ -165,17 +165,17 @@ def parallel_entry(entry):
 
     @functools.wraps(entry)
     def call(*args):
-        with _compile_notice(args[0]):
-            if runs_serial(args[0]):
-                return entry(*args)
-            if _NUM_THREADS is None:
-                return serialized(*args)
-            previous = numba.get_num_threads()
-            numba.set_num_threads(_NUM_THREADS)
-            try:
-                return serialized(*args)
-            finally:
-                numba.set_num_threads(previous)
+        _call.announced = not announce_compiles  # at most one compile notice per call
+        if runs_serial(args[0]):
+            return entry(*args)
+        if _NUM_THREADS is None:
+            return serialized(*args)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(_NUM_THREADS)
+        try:
+            return serialized(*args)
+        finally:
+            numba.set_num_threads(previous)
 
     return call
 
@@ -220,22 +220,13 @@ _call = threading.local()
 announce_compiles = True  # off while `python -m accelbn compile` reports for itself
 
 
-@contextlib.contextmanager
-def _compile_notice(x):
-    _call.dtype, _call.announced = x.dtype, not announce_compiles
-    try:
-        yield
-    finally:
-        _call.dtype = None
-
-
 class _CompileListener(event.Listener):
     def on_start(self, ev):
-        if getattr(_call, "dtype", None) is None or _call.announced or ev.data["dispatcher"] not in _KERNELS:
+        if getattr(_call, "announced", False) or ev.data["dispatcher"] not in _KERNELS:
             return
         _call.announced = True
         print(
-            f"accelbn: compiling CPU kernels for {_call.dtype.name}, first use only "
+            f"accelbn: compiling CPU kernels for {ev.data['args'][0].dtype}, first use only "
             "(`python -m accelbn compile` does it ahead of time)",
             file=sys.stderr,
             flush=True,
