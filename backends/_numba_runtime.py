@@ -13,6 +13,7 @@ core) instead of hanging or being terminated, and under the workqueue layer call
 """
 
 import contextlib
+import ctypes
 import functools
 import importlib.metadata
 import os
@@ -54,8 +55,6 @@ def _tbb_wheel_library():
 
 def _load_tbb():
     """Load Numba's TBB pool, preferring the ``tbb`` wheel's library; None, or why it failed."""
-    import ctypes
-
     library = _tbb_wheel_library()
     if library is not None:
         try:  # once loaded under its soname, the loader hands this copy to Numba's extension
@@ -71,13 +70,13 @@ def _load_tbb():
 
 
 def _pin_threading_layer():
-    """Pin TBB unless the user chose a layer. Returns why TBB is not the layer, or None."""
-    if numba.config.THREADING_LAYER != "default":
-        if numba.config.THREADING_LAYER == "tbb":
-            return None
-        return f"NUMBA_THREADING_LAYER={numba.config.THREADING_LAYER} chosen by the environment"
+    """Pin TBB unless the user chose a layer, loading the wheel's TBB for any choice that may use it.
+    Returns why TBB will not be the layer, or None."""
+    chosen = numba.config.THREADING_LAYER
+    if chosen not in ("default", "tbb", "safe", "threadsafe"):
+        return f"NUMBA_THREADING_LAYER={chosen} chosen by the environment"
     failure = _load_tbb()
-    if failure is None:
+    if failure is None and chosen == "default":
         numba.config.THREADING_LAYER = "tbb"
     return failure
 
@@ -106,7 +105,8 @@ def _after_fork_in_child():
         _serial_only = True
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def serial_only():

@@ -97,7 +97,6 @@ _FORKING_PARENT = """
     if {hide_tbb}:
         sys.modules["numba.np.ufunc.tbbpool"] = None  # as on a machine where no TBB loads
     sys.path.insert(0, {tests!r})
-    import numba
     from accelbn.backends import _numba_runtime
     from test_threads import _pool_digests, _serial
     seeds = [0, 1, 2, 3]
