@@ -21,14 +21,17 @@ callables are timed side by side:
   transposes. It is shown only when ``onnxruntime`` and ``onnx`` (which builds the model) are
   installed.
 
-Every callable runs once untimed (Numba compiles or loads its kernels, pages get touched), then
+Before anything is timed, accelbn's kernels for the grid are compiled (or loaded from the cache) in
+worker processes, one per core. Every callable runs once untimed (pages get touched), then
 once per repeat in interleaved order, so that drift in clock speed or memory state reaches all
 alike; the table reports medians. ``--json`` prints the same medians as one JSON document.
 """
 
+import concurrent.futures
 import datetime
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -449,12 +452,47 @@ def format_json(rows, repeat):
     return json.dumps(document, indent=2)
 
 
+def _run_accelbn_once(cases):
+    """Each of accelbn's passes once on each case, which compiles (or loads) their kernels."""
+    rng = np.random.default_rng(0)
+    for case in cases:
+        for call in _accelbn_calls(_Arrays(case, rng)).values():
+            call()
+
+
+def _kernel_groups(grid):
+    """The cases of ``grid`` in groups that share kernels: the channels-last ones (NHWC and NC) of
+    one dtype together, every other case on its own."""
+    groups = {}
+    for case in grid:
+        key = ("channels-last", case.dtype) if case.layout != "NCHW" else case
+        groups.setdefault(key, []).append(case)
+    return list(groups.values())
+
+
+def _compile_ahead(grid, progress_stream=None):
+    """Compile the kernels of ``grid`` in worker processes, one per core, before anything is timed.
+
+    A run on an empty cache is mostly compiling, and Numba compiles one function at a time per
+    process. A group of cases that share kernels goes to one worker; the cache is safe for processes
+    writing it together. Nothing is gained on one core."""
+    groups = _kernel_groups(grid)
+    workers = min(len(groups), os.cpu_count() or 1)
+    if workers < 2:
+        return
+    print(f"compiling or loading accelbn's kernels in {workers} processes", file=progress_stream or sys.stderr)
+    context = multiprocessing.get_context("spawn")  # a clean interpreter, whatever this process ran
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        list(pool.map(_run_accelbn_once, groups))  # raises what a worker raised
+
+
 def run(quick=False, repeat=None, stream=None, as_json=False):
     """Benchmark the full or quick grid and print to ``stream`` (by default standard output) the
     header line and table, or with ``as_json`` one JSON document."""
     grid = QUICK_GRID if quick else FULL_GRID
     if repeat is None:
         repeat = QUICK_REPEAT if quick else FULL_REPEAT
+    _compile_ahead(grid)
     torch = _import_torch()
     rows = measure(grid, repeat, torch, _import_onnxruntime())
     if as_json:

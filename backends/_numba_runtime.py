@@ -182,12 +182,6 @@ def parallel_entry(entry):
 
 # --- parallel kernels and their serial twins ------------------------------------------------------
 
-# Only explicit prange loops run in parallel: Numba's passes that would turn array expressions into
-# parallel loops find nothing to do in these kernels, and cost compile time looking.
-_PRANGE_ONLY = dict(
-    prange=True, fusion=False, comprehension=False, reduction=False, inplace_binop=False, setitem=False, numpy=False, stencil=False
-)
-
 PARALLEL = SimpleNamespace()
 SERIAL = SimpleNamespace()
 _KERNELS = set()  # the dispatchers of both twins, whose compiles announce themselves
@@ -202,7 +196,7 @@ def kernel(function):
     twin = FunctionType(function.__code__, function.__globals__, f"{function.__name__}_serial")
     twin.__qualname__ = twin.__name__
     setattr(SERIAL, name, njit(**OPTIONS)(twin))
-    setattr(PARALLEL, name, njit(parallel=_PRANGE_ONLY, **OPTIONS)(function))
+    setattr(PARALLEL, name, njit(parallel=True, **OPTIONS)(function))
     _KERNELS.update((getattr(SERIAL, name), getattr(PARALLEL, name)))
     return getattr(PARALLEL, name)
 

@@ -63,6 +63,12 @@ def test_info_prints_version_and_backends():
     assert int(fields["numba threads"]) >= 1
 
 
+def test_bench_compiles_cases_that_share_kernels_in_one_worker():
+    groups = _bench._kernel_groups(_bench.QUICK_GRID)
+    layouts = sorted(sorted(case.layout for case in group) for group in groups)
+    assert layouts == [["NC", "NHWC"], ["NCHW"], ["NCHW"]]
+
+
 @pytest.mark.slow
 def test_compile_reports_each_job_and_the_total():
     result = run_cli("compile", timeout=900)
