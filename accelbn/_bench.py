@@ -470,7 +470,7 @@ def _kernel_groups(grid):
     return list(groups.values())
 
 
-def _compile_ahead(grid, progress_stream=None):
+def _compile_ahead(grid):
     """Compile the kernels of ``grid`` in worker processes, one per core, before anything is timed.
 
     A run on an empty cache is mostly compiling, and Numba compiles one function at a time per
@@ -480,7 +480,7 @@ def _compile_ahead(grid, progress_stream=None):
     workers = min(len(groups), os.cpu_count() or 1)
     if workers < 2:
         return
-    print(f"compiling or loading accelbn's kernels in {workers} processes", file=progress_stream or sys.stderr)
+    print(f"compiling or loading accelbn's kernels in {workers} processes", file=sys.stderr)
     context = multiprocessing.get_context("spawn")  # a clean interpreter, whatever this process ran
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         list(pool.map(_run_accelbn_once, groups))  # raises what a worker raised
