@@ -50,9 +50,8 @@ from accelbn.backends._numba_runtime import (
 STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _REDUCTION = dict(_OPTIONS, fastmath={"reassoc"})
-# Helpers that only kernels call go without the wrappers that let Python and C call a function: they
-# are compiled for every helper otherwise, and leaving them out cut the compile time of train, eval
-# and backward on the four quick-bench layouts from 36.3-38.7 s to 30.5-35.2 s.
+# Helpers that only kernels call go without the wrappers that let Python and C call a function:
+# Numba would compile both for every helper, a share of a cold first call (benchmarks/RESULTS.md).
 _NESTED = dict(_OPTIONS, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 _NESTED_REDUCTION = dict(_REDUCTION, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
