@@ -4,7 +4,9 @@ import ctypes
 import hashlib
 import os
 import pathlib
+import sys
 import tempfile
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -25,14 +27,70 @@ settings.register_profile("default", max_examples=40, deadline=None, print_blob=
 settings.load_profile("default")
 
 # Every backend that can run here goes through the same tests; the NumPy reference is the oracle.
-# `any_backend` includes the GPU, whose cases carry the "gpu" mark (`pytest -m gpu` runs just those);
+# `any_backend` includes "cupy", whose cases carry the "gpu" mark (`pytest -m gpu` runs just those);
 # its tests move arrays with `on`. `backend` is the CPU backends, for tests written on NumPy arrays.
 BACKENDS = abn.available_backends()
 CPU_BACKENDS = [b for b in BACKENDS if b != "cupy"]
 
+# The cupy backend runs on a CUDA device when CuPy sees one, and otherwise on the CUDA-on-CPU
+# harness (tests/cudaemu) with the stand-in cupy; ACCELBN_CUDA_TESTS=emulator picks the harness
+# even on a GPU. ACCELBN_CUDA_TESTS=required (CI) makes a missing harness an error, not a skip.
+_CUDA_TESTS = os.environ.get("ACCELBN_CUDA_TESTS", "")
+GPU_DEVICE = "cupy" in BACKENDS and _CUDA_TESTS != "emulator"
 
-@pytest.fixture(params=[pytest.param(b, marks=pytest.mark.gpu) if b == "cupy" else b for b in BACKENDS])
+
+def _emulator_missing():
+    from cudaemu.build import BuildUnavailable, compiler, cuda_include
+
+    try:
+        compiler()
+        cuda_include()
+    except BuildUnavailable as e:
+        return str(e)
+    return None
+
+
+EMULATOR_MISSING = None if GPU_DEVICE else _emulator_missing()
+if EMULATOR_MISSING and _CUDA_TESTS == "required":
+    raise pytest.UsageError(f"ACCELBN_CUDA_TESTS=required, but the CUDA-on-CPU harness cannot run: {EMULATOR_MISSING}")
+
+
+@pytest.fixture
+def emulated_cupy(monkeypatch, request):
+    """The stand-in cupy in ``sys.modules`` for one test, the backend bound to it, and a seeded
+    random fiber schedule that differs from test to test; everything is restored afterwards."""
+    from cudaemu import runtime, standin_cupy
+
+    from accelbn import _backends
+
+    cupy = standin_cupy.MODULE
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    from accelbn.backends import cupy_gpu
+
+    monkeypatch.setattr(cupy_gpu, "cupy", cupy)
+    monkeypatch.setattr(_backends._GpuBackend, "_device_seen", False)
+    monkeypatch.setattr(runtime.settings, "after_launch", standin_cupy.after_launch)
+    monkeypatch.setattr(runtime.settings, "schedule", "random")
+    monkeypatch.setattr(runtime.settings, "seed", zlib.crc32(request.node.nodeid.encode()))
+    return cupy
+
+
+@pytest.fixture
+def gpu(request):
+    """CuPy, real on a device or the stand-in on the harness, for a test of the cupy backend."""
+    if GPU_DEVICE:
+        import cupy
+
+        return cupy
+    if EMULATOR_MISSING:
+        pytest.skip(f"no CUDA device, and the CUDA-on-CPU harness cannot run: {EMULATOR_MISSING}")
+    return request.getfixturevalue("emulated_cupy")
+
+
+@pytest.fixture(params=CPU_BACKENDS + [pytest.param("cupy", marks=pytest.mark.gpu)])
 def any_backend(request):
+    if request.param == "cupy":
+        request.getfixturevalue("gpu")
     return request.param
 
 
