@@ -9,7 +9,12 @@
 // fits in a 1-D grid. Reductions merge in a fixed order (warp shuffles, then warps, then tiles in
 // tile order) and use no atomics, so results are bitwise identical run to run.
 //
-// Accumulation is in float (double for double). Per-channel numbers arrive and leave as double.
+// Statistics, gradient sums and the gradient pass accumulate and compute in double, whatever the
+// storage type: float sums of a channel with a large mean lose the variance (mean -300, std 1.2
+// normalizes 1e-4 off), values near the float limit overflow in differences, and a gradient that
+// cancels far below dy loses its digits in float arithmetic. The normalize pass computes in float
+// (double for double), as PyTorch does, with the mean split so that x - mean loses nothing.
+// Per-channel numbers arrive and leave as double.
 // Two loop families:
 //   channels-first (inner > 1: NCHW, NCL, NCDHW): a channel's outer x inner elements are one flat
 //     range of vectors, cut into tiles; a block does one (channel, tile) item.
@@ -26,23 +31,33 @@ using index_t = long long;
 // Threads per block at most (backends/cupy_gpu.py BLOCK); it lets ptxas use up to 255 registers.
 #define MAX_BLOCK 256
 
-template <typename T> struct Acc {
+// The type the normalize pass computes in.
+template <typename T> struct Compute {
     using type = float;
 };
-template <> struct Acc<double> {
+template <> struct Compute<double> {
     using type = double;
 };
 
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_compute(float v) { return v; }
+__device__ __forceinline__ double to_compute(double v) { return v; }
+__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v);
-template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> __device__ __forceinline__ double to_double(T v) { return static_cast<double>(to_compute(v)); }
+
+template <typename T> __device__ __forceinline__ T from_compute(typename Compute<T>::type v);
+template <> __device__ __forceinline__ float from_compute<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_compute<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half from_compute<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// A double result stored as T (through float for the half types).
+template <typename T> __device__ __forceinline__ T from_double(double v) {
+    return from_compute<T>(static_cast<typename Compute<T>::type>(v));
+}
 
 // V consecutive elements, loaded and stored as one 16-byte access when V > 1.
 template <typename T, int V> struct alignas(sizeof(T) * V) Pack {
@@ -69,31 +84,30 @@ template <typename A> struct SplitMean {
 
 // --- statistics: count, mean and sum of squared deviations, merged with Chan's formula -----------
 
-template <typename A> struct Moments {
+struct Moments {
     index_t n;
-    A mean;
-    A m2;
+    double mean, m2;
 };
 
-template <typename A> __device__ __forceinline__ Moments<A> merge(Moments<A> a, Moments<A> b) {
+__device__ __forceinline__ Moments merge(Moments a, Moments b) {
     if (b.n == 0) return a;
     if (a.n == 0) return b;
     const index_t n = a.n + b.n;
-    const A delta = b.mean - a.mean;
-    const A wb = static_cast<A>(b.n) / static_cast<A>(n);
-    return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * static_cast<A>(a.n) * wb};
+    const double delta = b.mean - a.mean;
+    const double wb = static_cast<double>(b.n) / static_cast<double>(n);
+    return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * static_cast<double>(a.n) * wb};
 }
 
 // The moments of one pack of V values (two passes over registers).
-template <typename A, typename T, int V> __device__ __forceinline__ Moments<A> pack_moments(const Pack<T, V>& p) {
-    A sum = 0;
+template <typename T, int V> __device__ __forceinline__ Moments pack_moments(const Pack<T, V>& p) {
+    double sum = 0;
 #pragma unroll
-    for (int j = 0; j < V; ++j) sum += to_acc(p.v[j]);
-    const A mean = sum / static_cast<A>(V);
-    A m2 = 0;
+    for (int j = 0; j < V; ++j) sum += to_double(p.v[j]);
+    const double mean = sum / V;
+    double m2 = 0;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-        const A d = to_acc(p.v[j]) - mean;
+        const double d = to_double(p.v[j]) - mean;
         m2 += d * d;
     }
     return {V, mean, m2};
@@ -101,31 +115,23 @@ template <typename A, typename T, int V> __device__ __forceinline__ Moments<A> p
 
 constexpr unsigned FULL_MASK = 0xffffffffu;
 
-template <typename A> __device__ __forceinline__ Moments<A> shuffle_down(const Moments<A>& m, int offset) {
+__device__ __forceinline__ Moments shuffle_down(const Moments& m, int offset) {
     return {__shfl_down_sync(FULL_MASK, m.n, offset), __shfl_down_sync(FULL_MASK, m.mean, offset),
             __shfl_down_sync(FULL_MASK, m.m2, offset)};
 }
 
-template <typename A> __device__ __forceinline__ A shuffle_down(A v, int offset) {
-    return __shfl_down_sync(FULL_MASK, v, offset);
-}
-
-template <typename A> __device__ __forceinline__ Moments<A> combine(const Moments<A>& a, const Moments<A>& b) {
-    return merge(a, b);
-}
-
-template <typename A> __device__ __forceinline__ A combine(A a, A b) { return a + b; }
+__device__ __forceinline__ Moments combine(const Moments& a, const Moments& b) { return merge(a, b); }
 
 // Two sums travel together through the gradient reductions.
-template <typename A> struct SumPair {
-    A dy, dy_xmu;
+struct SumPair {
+    double dy, dy_xmu;
 };
 
-template <typename A> __device__ __forceinline__ SumPair<A> shuffle_down(const SumPair<A>& s, int offset) {
+__device__ __forceinline__ SumPair shuffle_down(const SumPair& s, int offset) {
     return {__shfl_down_sync(FULL_MASK, s.dy, offset), __shfl_down_sync(FULL_MASK, s.dy_xmu, offset)};
 }
 
-template <typename A> __device__ __forceinline__ SumPair<A> combine(const SumPair<A>& a, const SumPair<A>& b) {
+__device__ __forceinline__ SumPair combine(const SumPair& a, const SumPair& b) {
     return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
 }
 
@@ -187,19 +193,18 @@ struct Tile {
 
 template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
     cf_moments(const T* __restrict__ x, STRIDE_PARAMS(xs), index_t outer, index_t channels, index_t inner,
-               index_t tiles, index_t tile_vectors, typename Acc<T>::type* __restrict__ part_mean,
-               typename Acc<T>::type* __restrict__ part_m2, index_t* __restrict__ part_n) {
-    using A = typename Acc<T>::type;
+               index_t tiles, index_t tile_vectors, double* __restrict__ part_mean,
+               double* __restrict__ part_m2, index_t* __restrict__ part_n) {
     const Strides xs = STRIDES(xs);
-    __shared__ Moments<A> scratch[32];
+    __shared__ Moments scratch[32];
     const index_t cols = inner / V, vectors = outer * cols;
     for (index_t item = blockIdx.x; item < channels * tiles; item += gridDim.x) {
         const Tile tile(item, tiles, tile_vectors, vectors);
-        Moments<A> m{0, 0, 0};
+        Moments m{0, 0, 0};
         Cursor at(tile.begin + threadIdx.x, blockDim.x, cols);
         for (index_t v = tile.begin + threadIdx.x; v < tile.end; v += blockDim.x, at.advance())
-            m = merge(m, pack_moments<A>(load<T, V>(x + xs.at(at.row, tile.channel, at.col * V))));
-        m = block_reduce(m, scratch, Moments<A>{0, 0, 0});
+            m = merge(m, pack_moments(load<T, V>(x + xs.at(at.row, tile.channel, at.col * V))));
+        m = block_reduce(m, scratch, Moments{0, 0, 0});
         if (threadIdx.x == 0) {
             part_mean[item] = m.mean;
             part_m2[item] = m.m2;
@@ -211,20 +216,20 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
 template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
     cf_normalize(const T* __restrict__ x, STRIDE_PARAMS(xs), T* __restrict__ y, STRIDE_PARAMS(ys), index_t outer,
                  index_t channels, index_t inner, index_t tiles, index_t tile_vectors, const double* __restrict__ mean,
-                 const double* __restrict__ scale, const double* __restrict__ shift) {
-    using A = typename Acc<T>::type;
+                 const double* __restrict__ scale, const double* __restrict__ bias) {
+    using A = typename Compute<T>::type;
     const Strides xs = STRIDES(xs);
     const Strides ys = STRIDES(ys);
     const index_t cols = inner / V, vectors = outer * cols, items = channels * tiles;
     for (index_t i = blockIdx.x; i < items; i += gridDim.x) {
         const Tile tile(items - 1 - i, tiles, tile_vectors, vectors);
         const SplitMean<A> mu(mean[tile.channel]);
-        const A a = static_cast<A>(scale[tile.channel]), b = static_cast<A>(shift[tile.channel]);
+        const A a = static_cast<A>(scale[tile.channel]), b = static_cast<A>(bias[tile.channel]);
         Cursor at(tile.begin + threadIdx.x, blockDim.x, cols);
         for (index_t v = tile.begin + threadIdx.x; v < tile.end; v += blockDim.x, at.advance()) {
             Pack<T, V> p = load<T, V>(x + xs.at(at.row, tile.channel, at.col * V));
 #pragma unroll
-            for (int j = 0; j < V; ++j) p.v[j] = from_acc<T>(mu.centre(to_acc(p.v[j])) * a + b);
+            for (int j = 0; j < V; ++j) p.v[j] = from_compute<T>(mu.centre(to_compute(p.v[j])) * a + b);
             store<T, V>(y + ys.at(at.row, tile.channel, at.col * V), p);
         }
     }
@@ -233,29 +238,28 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
 template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
     cf_gradient_sums(const T* __restrict__ dy, STRIDE_PARAMS(dys), const T* __restrict__ x, STRIDE_PARAMS(xs),
                      index_t outer, index_t channels, index_t inner, index_t tiles, index_t tile_vectors,
-                     const double* __restrict__ mean, typename Acc<T>::type* __restrict__ part_dy,
-                     typename Acc<T>::type* __restrict__ part_dy_xmu) {
-    using A = typename Acc<T>::type;
+                     const double* __restrict__ mean, double* __restrict__ part_dy,
+                     double* __restrict__ part_dy_xmu) {
     const Strides dys = STRIDES(dys);
     const Strides xs = STRIDES(xs);
-    __shared__ SumPair<A> scratch[32];
+    __shared__ SumPair scratch[32];
     const index_t cols = inner / V, vectors = outer * cols;
     for (index_t item = blockIdx.x; item < channels * tiles; item += gridDim.x) {
         const Tile tile(item, tiles, tile_vectors, vectors);
-        const SplitMean<A> mu(mean[tile.channel]);
-        SumPair<A> s{0, 0};
+        const double mu = mean[tile.channel];
+        SumPair s{0, 0};
         Cursor at(tile.begin + threadIdx.x, blockDim.x, cols);
         for (index_t v = tile.begin + threadIdx.x; v < tile.end; v += blockDim.x, at.advance()) {
             const Pack<T, V> g = load<T, V>(dy + dys.at(at.row, tile.channel, at.col * V));
             const Pack<T, V> p = load<T, V>(x + xs.at(at.row, tile.channel, at.col * V));
 #pragma unroll
             for (int j = 0; j < V; ++j) {
-                const A d = to_acc(g.v[j]);
+                const double d = to_double(g.v[j]);
                 s.dy += d;
-                s.dy_xmu += d * mu.centre(to_acc(p.v[j]));
+                s.dy_xmu += d * (to_double(p.v[j]) - mu);
             }
         }
-        s = block_reduce(s, scratch, SumPair<A>{0, 0});
+        s = block_reduce(s, scratch, SumPair{0, 0});
         if (threadIdx.x == 0) {
             part_dy[item] = s.dy;
             part_dy_xmu[item] = s.dy_xmu;
@@ -265,18 +269,14 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
 
 // dx = (dy - mean_dy - (x - mean) * k) * scale when training; dx = dy * scale with frozen statistics,
 // whatever x holds (so the frozen pass does not read x at all).
-template <typename A, bool TRAINING> struct GradientCoefficients {
-    SplitMean<A> mu;
-    A mean_dy, k, scale;
+template <bool TRAINING> struct GradientCoefficients {
+    double mean, mean_dy, k, scale;
     GradientCoefficients() = default;
-    __device__ __forceinline__ GradientCoefficients(const double* mean, const double* mean_dy_, const double* k_,
+    __device__ __forceinline__ GradientCoefficients(const double* mean_, const double* mean_dy_, const double* k_,
                                                     const double* scale_, index_t c)
-        : mu(mean[c]),
-          mean_dy(static_cast<A>(mean_dy_[c])),
-          k(static_cast<A>(k_[c])),
-          scale(static_cast<A>(scale_[c])) {}
-    __device__ __forceinline__ A operator()(A dy, A x) const {
-        if constexpr (TRAINING) return (dy - mean_dy - mu.centre(x) * k) * scale;
+        : mean(mean_[c]), mean_dy(mean_dy_[c]), k(k_[c]), scale(scale_[c]) {}
+    __device__ __forceinline__ double operator()(double dy, double x) const {
+        if constexpr (TRAINING) return (dy - mean_dy - (x - mean) * k) * scale;
         return dy * scale;
     }
 };
@@ -291,20 +291,19 @@ template <typename T, int V, bool TRAINING> __global__ void __launch_bounds__(MA
                 T* __restrict__ dx, STRIDE_PARAMS(dxs), index_t outer, index_t channels, index_t inner, index_t tiles,
                 index_t tile_vectors, const double* __restrict__ mean, const double* __restrict__ mean_dy,
                 const double* __restrict__ k, const double* __restrict__ scale) {
-    using A = typename Acc<T>::type;
     const Strides dxs = STRIDES(dxs);
     const Strides dys = STRIDES(dys);
     const Strides xs = STRIDES(xs);
     const index_t cols = inner / V, vectors = outer * cols, items = channels * tiles;
     for (index_t i = blockIdx.x; i < items; i += gridDim.x) {
         const Tile tile(items - 1 - i, tiles, tile_vectors, vectors);
-        const GradientCoefficients<A, TRAINING> grad(mean, mean_dy, k, scale, tile.channel);
+        const GradientCoefficients<TRAINING> grad(mean, mean_dy, k, scale, tile.channel);
         Cursor at(tile.begin + threadIdx.x, blockDim.x, cols);
         for (index_t v = tile.begin + threadIdx.x; v < tile.end; v += blockDim.x, at.advance()) {
             Pack<T, V> g = load<T, V>(dy + dys.at(at.row, tile.channel, at.col * V));
             const Pack<T, V> p = load_x<T, V, TRAINING>(x + xs.at(at.row, tile.channel, at.col * V));
 #pragma unroll
-            for (int j = 0; j < V; ++j) g.v[j] = from_acc<T>(grad(to_acc(g.v[j]), to_acc(p.v[j])));
+            for (int j = 0; j < V; ++j) g.v[j] = from_double<T>(grad(to_double(g.v[j]), to_double(p.v[j])));
             store<T, V>(dx + dxs.at(at.row, tile.channel, at.col * V), g);
         }
     }
@@ -339,12 +338,11 @@ template <typename R> __device__ __forceinline__ R reduce_rows(R value, R* scrat
 
 template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
     cl_moments(const T* __restrict__ x, STRIDE_PARAMS(xs), index_t rows, index_t channels, int lanes, index_t tile_rows,
-               index_t row_tiles, typename Acc<T>::type* __restrict__ part_mean,
-               typename Acc<T>::type* __restrict__ part_m2, index_t* __restrict__ part_n) {
-    using A = typename Acc<T>::type;
+               index_t row_tiles, double* __restrict__ part_mean,
+               double* __restrict__ part_m2, index_t* __restrict__ part_n) {
     const Strides xs = STRIDES(xs);
     extern __shared__ unsigned char shared[];
-    Moments<A>* scratch = reinterpret_cast<Moments<A>*>(shared);
+    Moments* scratch = reinterpret_cast<Moments*>(shared);
     const index_t channel_blocks = (channels + lanes * V - 1) / (lanes * V);
     const int lane = threadIdx.x % lanes, row0 = threadIdx.x / lanes, row_step = blockDim.x / lanes;
     for (index_t item = blockIdx.x; item < channel_blocks * row_tiles; item += gridDim.x) {
@@ -352,16 +350,16 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
         const index_t c = tile.channel0 + lane * V;
         // Welford over this thread's rows; its V channels share the count.
         index_t n = 0;
-        A mean[V], m2[V];
+        double mean[V], m2[V];
 #pragma unroll
         for (int j = 0; j < V; ++j) mean[j] = m2[j] = 0;
         if (c < channels) {
             for (index_t r = tile.row_begin + row0; r < tile.row_end; r += row_step) {
                 const Pack<T, V> p = load<T, V>(x + xs.at(r, c, 0));
-                const A weight = A(1) / static_cast<A>(++n);
+                const double weight = 1.0 / static_cast<double>(++n);
 #pragma unroll
                 for (int j = 0; j < V; ++j) {
-                    const A v = to_acc(p.v[j]), d = v - mean[j];
+                    const double v = to_double(p.v[j]), d = v - mean[j];
                     mean[j] += d * weight;
                     m2[j] += d * (v - mean[j]);
                 }
@@ -370,7 +368,7 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
         const index_t tile_index = item / channel_blocks;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-            const Moments<A> total = reduce_rows(Moments<A>{n, mean[j], m2[j]}, scratch, lanes);
+            const Moments total = reduce_rows(Moments{n, mean[j], m2[j]}, scratch, lanes);
             if (row0 == 0 && c + j < channels) {
                 part_mean[(c + j) * row_tiles + tile_index] = total.mean;
                 part_m2[(c + j) * row_tiles + tile_index] = total.m2;
@@ -383,8 +381,8 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
 template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
     cl_normalize(const T* __restrict__ x, STRIDE_PARAMS(xs), T* __restrict__ y, STRIDE_PARAMS(ys), index_t rows,
                  index_t channels, int lanes, index_t tile_rows, index_t row_tiles, const double* __restrict__ mean,
-                 const double* __restrict__ scale, const double* __restrict__ shift) {
-    using A = typename Acc<T>::type;
+                 const double* __restrict__ scale, const double* __restrict__ bias) {
+    using A = typename Compute<T>::type;
     const Strides xs = STRIDES(xs);
     const Strides ys = STRIDES(ys);
     const index_t channel_blocks = (channels + lanes * V - 1) / (lanes * V), items = channel_blocks * row_tiles;
@@ -399,12 +397,12 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
         for (int j = 0; j < V; ++j) {
             mu[j] = SplitMean<A>(mean[c + j]);
             a[j] = static_cast<A>(scale[c + j]);
-            b[j] = static_cast<A>(shift[c + j]);
+            b[j] = static_cast<A>(bias[c + j]);
         }
         for (index_t r = tile.row_begin + row0; r < tile.row_end; r += row_step) {
             Pack<T, V> p = load<T, V>(x + xs.at(r, c, 0));
 #pragma unroll
-            for (int j = 0; j < V; ++j) p.v[j] = from_acc<T>(mu[j].centre(to_acc(p.v[j])) * a[j] + b[j]);
+            for (int j = 0; j < V; ++j) p.v[j] = from_compute<T>(mu[j].centre(to_compute(p.v[j])) * a[j] + b[j]);
             store<T, V>(y + ys.at(r, c, 0), p);
         }
     }
@@ -413,40 +411,39 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
 template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
     cl_gradient_sums(const T* __restrict__ dy, STRIDE_PARAMS(dys), const T* __restrict__ x, STRIDE_PARAMS(xs),
                      index_t rows, index_t channels, int lanes, index_t tile_rows, index_t row_tiles,
-                     const double* __restrict__ mean, typename Acc<T>::type* __restrict__ part_dy,
-                     typename Acc<T>::type* __restrict__ part_dy_xmu) {
-    using A = typename Acc<T>::type;
+                     const double* __restrict__ mean, double* __restrict__ part_dy,
+                     double* __restrict__ part_dy_xmu) {
     const Strides dys = STRIDES(dys);
     const Strides xs = STRIDES(xs);
     extern __shared__ unsigned char shared[];
-    SumPair<A>* scratch = reinterpret_cast<SumPair<A>*>(shared);
+    SumPair* scratch = reinterpret_cast<SumPair*>(shared);
     const index_t channel_blocks = (channels + lanes * V - 1) / (lanes * V);
     const int lane = threadIdx.x % lanes, row0 = threadIdx.x / lanes, row_step = blockDim.x / lanes;
     for (index_t item = blockIdx.x; item < channel_blocks * row_tiles; item += gridDim.x) {
         const RowTile tile(item, channel_blocks, lanes, V, tile_rows, rows);
         const index_t c = tile.channel0 + lane * V;
-        SumPair<A> s[V];
-        SplitMean<A> mu[V];
+        SumPair s[V];
+        double mu[V];
 #pragma unroll
         for (int j = 0; j < V; ++j) s[j] = {0, 0};
         if (c < channels) {
 #pragma unroll
-            for (int j = 0; j < V; ++j) mu[j] = SplitMean<A>(mean[c + j]);
+            for (int j = 0; j < V; ++j) mu[j] = mean[c + j];
             for (index_t r = tile.row_begin + row0; r < tile.row_end; r += row_step) {
                 const Pack<T, V> g = load<T, V>(dy + dys.at(r, c, 0));
                 const Pack<T, V> p = load<T, V>(x + xs.at(r, c, 0));
 #pragma unroll
                 for (int j = 0; j < V; ++j) {
-                    const A d = to_acc(g.v[j]);
+                    const double d = to_double(g.v[j]);
                     s[j].dy += d;
-                    s[j].dy_xmu += d * mu[j].centre(to_acc(p.v[j]));
+                    s[j].dy_xmu += d * (to_double(p.v[j]) - mu[j]);
                 }
             }
         }
         const index_t tile_index = item / channel_blocks;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-            const SumPair<A> total = reduce_rows(s[j], scratch, lanes);
+            const SumPair total = reduce_rows(s[j], scratch, lanes);
             if (row0 == 0 && c + j < channels) {
                 part_dy[(c + j) * row_tiles + tile_index] = total.dy;
                 part_dy_xmu[(c + j) * row_tiles + tile_index] = total.dy_xmu;
@@ -460,7 +457,6 @@ template <typename T, int V, bool TRAINING> __global__ void __launch_bounds__(MA
                 T* __restrict__ dx, STRIDE_PARAMS(dxs), index_t rows, index_t channels, int lanes, index_t tile_rows,
                 index_t row_tiles, const double* __restrict__ mean, const double* __restrict__ mean_dy,
                 const double* __restrict__ k, const double* __restrict__ scale) {
-    using A = typename Acc<T>::type;
     const Strides dxs = STRIDES(dxs);
     const Strides dys = STRIDES(dys);
     const Strides xs = STRIDES(xs);
@@ -470,14 +466,14 @@ template <typename T, int V, bool TRAINING> __global__ void __launch_bounds__(MA
         const RowTile tile(items - 1 - i, channel_blocks, lanes, V, tile_rows, rows);
         const index_t c = tile.channel0 + lane * V;
         if (c >= channels) continue;
-        GradientCoefficients<A, TRAINING> grad[V];
+        GradientCoefficients<TRAINING> grad[V];
 #pragma unroll
-        for (int j = 0; j < V; ++j) grad[j] = GradientCoefficients<A, TRAINING>(mean, mean_dy, k, scale, c + j);
+        for (int j = 0; j < V; ++j) grad[j] = GradientCoefficients<TRAINING>(mean, mean_dy, k, scale, c + j);
         for (index_t r = tile.row_begin + row0; r < tile.row_end; r += row_step) {
             Pack<T, V> g = load<T, V>(dy + dys.at(r, c, 0));
             const Pack<T, V> p = load_x<T, V, TRAINING>(x + xs.at(r, c, 0));
 #pragma unroll
-            for (int j = 0; j < V; ++j) g.v[j] = from_acc<T>(grad[j](to_acc(g.v[j]), to_acc(p.v[j])));
+            for (int j = 0; j < V; ++j) g.v[j] = from_double<T>(grad[j](to_double(g.v[j]), to_double(p.v[j])));
             store<T, V>(dx + dxs.at(r, c, 0), g);
         }
     }
@@ -485,34 +481,29 @@ template <typename T, int V, bool TRAINING> __global__ void __launch_bounds__(MA
 
 // --- per-channel finishing: one thread per channel, partials merged in tile order, in double ------
 
-// Mirrors accelbn/_formulas.py (inverse_std): the backend needs scale and shift before the
-// normalize launch, and computing them here saves a chain of small launches.
-template <typename A> __global__ void finish_moments(const A* __restrict__ part_mean, const A* __restrict__ part_m2,
-                                                     const index_t* __restrict__ part_n, index_t channels,
-                                                     index_t tiles, const double* __restrict__ weight,
-                                                     const double* __restrict__ bias, double eps,
-                                                     double* __restrict__ mean, double* __restrict__ var,
-                                                     double* __restrict__ scale, double* __restrict__ shift) {
+// Mirrors accelbn/_formulas.py (inverse_std): the backend needs the scale before the normalize
+// launch, and computing it here saves a chain of small launches. The normalize kernels take the
+// bias as it is: they compute (x - mean) * scale + bias.
+__global__ void finish_moments(const double* __restrict__ part_mean, const double* __restrict__ part_m2,
+                               const index_t* __restrict__ part_n, index_t channels, index_t tiles,
+                               const double* __restrict__ weight, double eps, double* __restrict__ mean,
+                               double* __restrict__ var, double* __restrict__ scale) {
     for (index_t c = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; c < channels;
          c += static_cast<index_t>(gridDim.x) * blockDim.x) {
-        Moments<double> m{0, 0, 0};
+        Moments m{0, 0, 0};
         for (index_t t = 0; t < tiles; ++t) {
             const index_t i = c * tiles + t;
-            m = merge(m,
-                      Moments<double>{part_n[i], static_cast<double>(part_mean[i]), static_cast<double>(part_m2[i])});
+            m = merge(m, Moments{part_n[i], part_mean[i], part_m2[i]});
         }
         const double v = m.m2 / static_cast<double>(m.n);
-        const double invstd = 1.0 / sqrt(v + eps);
         mean[c] = m.mean;
         var[c] = v;
-        scale[c] = weight[c] * invstd;
-        shift[c] = bias[c] - m.mean * scale[c];
+        scale[c] = weight[c] * (1.0 / sqrt(v + eps));
     }
 }
 
 // Mirrors accelbn/_formulas.py (backward_coefficients) for the same reason.
-template <typename A>
-__global__ void finish_gradient_sums(const A* __restrict__ part_dy, const A* __restrict__ part_dy_xmu, index_t channels,
+__global__ void finish_gradient_sums(const double* __restrict__ part_dy, const double* __restrict__ part_dy_xmu, index_t channels,
                                      index_t tiles, const double* __restrict__ invstd,
                                      const double* __restrict__ weight, double count, double* __restrict__ sum_dy,
                                      double* __restrict__ sum_dy_xmu, double* __restrict__ mean_dy,
@@ -521,8 +512,8 @@ __global__ void finish_gradient_sums(const A* __restrict__ part_dy, const A* __r
          c += static_cast<index_t>(gridDim.x) * blockDim.x) {
         double s = 0, sx = 0;
         for (index_t t = 0; t < tiles; ++t) {
-            s += static_cast<double>(part_dy[c * tiles + t]);
-            sx += static_cast<double>(part_dy_xmu[c * tiles + t]);
+            s += part_dy[c * tiles + t];
+            sx += part_dy_xmu[c * tiles + t];
         }
         sum_dy[c] = s;
         sum_dy_xmu[c] = sx;

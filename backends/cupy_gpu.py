@@ -69,20 +69,15 @@ if _bfloat16() is not None:
 STORAGE_DTYPES = tuple(_CTYPES)
 
 
-def _accumulator(dtype):
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
-
-
 def compile_units():
-    """``{storage dtype: name expressions}``: one RawModule per storage dtype, each kernel at
-    vector widths 1 and 16 bytes."""
+    """``{storage dtype: name expressions}``: one RawModule per storage dtype, each element kernel
+    at vector widths 1 and 16 bytes, and the per-channel finishing kernels."""
     units = {}
     for dtype, ctype in _CTYPES.items():
-        acc = "double" if ctype == "double" else "float"
         widths = (1, _VECTOR_BYTES // dtype.itemsize)
         names = [f"abn::{k}<{ctype}, {v}>" for k in _ELEMENT_KERNELS for v in widths]
         names += [f"abn::{k}<{ctype}, {v}, {t}>" for k in _GRADIENT_KERNELS for v in widths for t in ("true", "false")]
-        names += [f"abn::{k}<{acc}>" for k in _FINISH_KERNELS]
+        names += [f"abn::{k}" for k in _FINISH_KERNELS]
         units[dtype] = tuple(names)
     return units
 
@@ -94,11 +89,9 @@ def _module(device_id, dtype):
 
 def _kernel(dtype, name, *template_args):
     """A compiled kernel: element kernels take (vector width, ...), finishing kernels nothing."""
-    ctype = _CTYPES[dtype]
+    expression = f"abn::{name}"
     if template_args:
-        expression = f"abn::{name}<{', '.join([ctype, *map(str, template_args)])}>"
-    else:  # a finishing kernel, templated on the accumulator
-        expression = f"abn::{name}<{'double' if ctype == 'double' else 'float'}>"
+        expression += f"<{', '.join([_CTYPES[dtype], *map(str, template_args)])}>"
     return _module(cupy.cuda.Device().id, dtype).get_function(expression)
 
 
@@ -159,6 +152,10 @@ class _Plan:
             self.items = channel_blocks * self.tiles
             self.shape_args = [_i64(outer), _i64(channels), np.int32(self.lanes), _i64(tile_rows), _i64(self.tiles)]
 
+    def partials(self, count, dtype=np.float64):
+        """``count`` buffers of one partial result per channel and tile, in channel-major order."""
+        return [cupy.empty(self.channels * self.tiles, dtype=dtype) for _ in range(count)]
+
     def kernel(self, dtype, name, *template_args):
         return _kernel(dtype, ("cf_" if self.channels_first else "cl_") + name, self.width, *template_args)
 
@@ -178,17 +175,15 @@ def _channel_vectors(channels, count):
 
 def forward_train(x, weight, bias, eps, y):
     plan = _Plan([x, y])
-    acc = _accumulator(x.dtype)
-    part_mean = cupy.empty(plan.items, dtype=acc)
-    part_m2 = cupy.empty(plan.items, dtype=acc)
-    part_n = cupy.empty(plan.items, dtype=np.int64)
+    part_mean, part_m2 = plan.partials(2)
+    (part_n,) = plan.partials(1, np.int64)
     _launch(
         plan.kernel(x.dtype, "moments"),
         plan.items,
         (x, *_strides(x), *plan.shape_args, part_mean, part_m2, part_n),
         plan.reduction_shared_mem(),
     )
-    mean, var, scale, shift = _channel_vectors(plan.channels, 4)
+    mean, var, scale = _channel_vectors(plan.channels, 3)
     _finish(
         x.dtype,
         "finish_moments",
@@ -200,23 +195,21 @@ def forward_train(x, weight, bias, eps, y):
             _i64(plan.channels),
             _i64(plan.tiles),
             weight,
-            bias,
             np.float64(eps),
             mean,
             var,
             scale,
-            shift,
         ),
     )
-    _normalize(plan, x, mean, scale, shift, y)
+    _normalize(plan, x, mean, scale, bias, y)
     return mean, var
 
 
-def _normalize(plan, x, mean, scale, shift, y):
+def _normalize(plan, x, mean, scale, bias, y):
     _launch(
         plan.kernel(x.dtype, "normalize"),
         plan.items,
-        (x, *_strides(x), y, *_strides(y), *plan.shape_args, mean, scale, shift),
+        (x, *_strides(x), y, *_strides(y), *plan.shape_args, mean, scale, bias),
     )
 
 
@@ -226,9 +219,7 @@ def normalize(x, mean, var, weight, bias, eps, y):
 
 def backward(dy, x, mean, invstd, weight, training, dx):
     plan = _Plan([dy, x, dx])
-    acc = _accumulator(x.dtype)
-    part_dy = cupy.empty(plan.items, dtype=acc)
-    part_dy_xmu = cupy.empty(plan.items, dtype=acc)
+    part_dy, part_dy_xmu = plan.partials(2)
     _launch(
         plan.kernel(x.dtype, "gradient_sums"),
         plan.items,

@@ -1,5 +1,6 @@
 """Numerical promises: stable variance, exact constant channels, NaN isolation, precision against a
-float64 reference, and bitwise determinism run to run and across thread counts."""
+float64 reference (on every backend, the GPU's included), and bitwise determinism run to run and
+across thread counts."""
 
 import numba
 import numpy as np
@@ -12,90 +13,96 @@ LAYOUTS = [((16, 4, 30, 30), 1), ((4096, 8), 1), ((8, 12, 12, 6), -1)]
 LAYOUT_IDS = ["NCHW", "NC", "NHWC"]
 
 
+@pytest.mark.parametrize("loc, scale", [(1e4, 1e-2), (-300.0, 1.2)], ids=["1e4+-1e-2", "-300+-1.2"])
 @pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
-def test_large_mean_small_std_in_float32(backend, shape, axis):
-    # E[x^2] - E[x]^2 loses every digit here: x^2 ~ 1e8 while the variance is 1e-4.
-    x = random_array(shape, np.float32, loc=1e4, scale=1e-2)
+def test_large_mean_small_std_in_float32(any_backend, on, shape, axis, loc, scale):
+    # E[x^2] - E[x]^2 loses every digit here: x^2 ~ 1e8 while the variance is 1e-4; and float sums
+    # of a channel with mean -300 carry errors of 1e-4 of its std into the mean.
+    x = random_array(shape, np.float32, loc=loc, scale=scale)
     expected, _, _, _ = reference_forward(x, None, None, None, None, training=True, axis=axis)
-    y = abn.batch_norm(x, None, None, training=True, axis=axis, backend=backend)
+    y = on.get(abn.batch_norm(on.put(x), None, None, training=True, axis=axis, backend=any_backend))
     assert np.abs(y - expected).max() / np.abs(expected).max() < 1e-3
     assert rel_error(y, expected) < 2e-5
 
 
 @pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_constant_channel_gives_exactly_the_bias(backend, shape, axis, dtype):
+def test_constant_channel_gives_exactly_the_bias(any_backend, on, shape, axis, dtype):
     x = random_array(shape, dtype)
     constant = [slice(None)] * x.ndim
     constant[axis] = 1
     x[tuple(constant)] = 0.1
     bias = np.arange(x.shape[axis], dtype=dtype)
-    rv = np.ones(x.shape[axis], dtype)
-    y = abn.batch_norm(x, np.zeros_like(rv), rv, None, bias, True, axis=axis, backend=backend)
-    assert np.all(y[tuple(constant)] == bias[1])
-    assert rv[1] == 0.9  # the running variance moved towards 0, exactly
+    rv = on.put(np.ones(x.shape[axis], dtype))
+    y = abn.batch_norm(on.put(x), on.put(np.zeros(x.shape[axis], dtype)), rv, None, on.put(bias), True, axis=axis,
+                       backend=any_backend)
+    assert np.all(on.get(y)[tuple(constant)] == bias[1])
+    assert on.get(rv)[1] == 0.9  # the running variance moved towards 0, exactly
 
 
 @pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
-def test_nan_poisons_only_its_channel(backend, shape, axis):
+def test_nan_poisons_only_its_channel(any_backend, on, shape, axis):
     x = random_array(shape)
     index = [0] * x.ndim
     index[axis] = 2
     x[tuple(index)] = np.nan
-    rm, rv = np.zeros(x.shape[axis], np.float32), np.ones(x.shape[axis], np.float32)
-    y, stats = abn.batch_norm(x, rm, rv, training=True, axis=axis, return_stats=True, backend=backend)
-    bad = np.moveaxis(np.isnan(y), axis, 0).reshape(x.shape[axis], -1)
+    rm, rv = on.put(np.zeros(x.shape[axis], np.float32)), on.put(np.ones(x.shape[axis], np.float32))
+    y, stats = abn.batch_norm(on.put(x), rm, rv, training=True, axis=axis, return_stats=True, backend=any_backend)
+    rm, rv = on.get(rm), on.get(rv)
+    bad = np.moveaxis(np.isnan(on.get(y)), axis, 0).reshape(x.shape[axis], -1)
     assert bad[2].all() and not np.delete(bad, 2, axis=0).any()
     assert np.isnan(rm[2]) and np.isnan(rv[2]) and np.isfinite(np.delete(rm, 2)).all()
     dy = random_array(shape, seed=1)
-    dx, dweight, _ = abn.batch_norm_backward(dy, x, stats, axis=axis, backend=backend)
+    dx, dweight, _ = map(on.get, abn.batch_norm_backward(on.put(dy), on.put(x), stats, axis=axis, backend=any_backend))
     bad = np.moveaxis(np.isnan(dx), axis, 0).reshape(x.shape[axis], -1)
     assert bad[2].all() and not np.delete(bad, 2, axis=0).any()
     assert np.isnan(dweight[2]) and np.isfinite(np.delete(dweight, 2)).all()
 
 
-def test_frozen_backward_ignores_non_finite_x(backend):
+def test_frozen_backward_ignores_non_finite_x(any_backend, on):
     # dx = dy * weight * invstd does not depend on x; only dweight does.
     x = random_array((4, 3, 5))
     x[0, 0, 0], x[1, 1, 1] = np.nan, np.inf
     dy = random_array(x.shape, seed=1)
-    stats = abn.BatchStats(np.zeros(3, np.float32), np.full(3, 2.0, np.float32))
+    stats = abn.BatchStats(on.put(np.zeros(3, np.float32)), on.put(np.full(3, 2.0, np.float32)))
     weight = np.array([1.0, -0.5, 3.0], np.float32)
-    dx, dweight, dbias = abn.batch_norm_backward(dy, x, stats, weight, training=False, backend=backend)
+    dx, dweight, dbias = map(on.get, abn.batch_norm_backward(on.put(dy), on.put(x), stats, on.put(weight),
+                                                             training=False, backend=any_backend))
     np.testing.assert_allclose(dx, dy * (weight * 2.0)[None, :, None], rtol=1e-6)
     assert np.isfinite(dbias).all() and np.isnan(dweight[0]) and np.isinf(dweight[1]) and np.isfinite(dweight[2])
 
 
 @pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
-def test_values_near_the_float32_limit_do_not_overflow(backend, shape, axis):
+def test_values_near_the_float32_limit_do_not_overflow(any_backend, on, shape, axis):
     # Differences of such values overflow float32: they must be taken in float64.
     x = np.where(random_array(shape) > 0, np.float32(3e38), np.float32(-3e38))
     expected, _, _, _ = reference_forward(x, None, None, None, None, training=True, axis=axis)
-    y = abn.batch_norm(x, None, None, training=True, axis=axis, backend=backend)
+    y = on.get(abn.batch_norm(on.put(x), None, None, training=True, axis=axis, backend=any_backend))
     assert np.isfinite(y).all()
     assert rel_error(y, expected) < 2e-5
 
 
-def test_nan_in_dy_stays_in_its_element_with_frozen_statistics(backend):
+def test_nan_in_dy_stays_in_its_element_with_frozen_statistics(any_backend, on):
     x = random_array((4, 3, 5))
     dy = random_array(x.shape, seed=1)
     dy[1, 2, 3] = np.nan
-    stats = abn.BatchStats(np.zeros(3, np.float32), np.ones(3, np.float32))
-    dx, _, _ = abn.batch_norm_backward(dy, x, stats, training=False, backend=backend)
-    assert np.isnan(dx).sum() == 1
+    stats = abn.BatchStats(on.put(np.zeros(3, np.float32)), on.put(np.ones(3, np.float32)))
+    dx, _, _ = abn.batch_norm_backward(on.put(dy), on.put(x), stats, training=False, backend=any_backend)
+    assert np.isnan(on.get(dx)).sum() == 1
 
 
 @pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_precision_against_float64_reference(backend, shape, axis, dtype):
+def test_precision_against_float64_reference(any_backend, on, shape, axis, dtype):
     x = random_array(shape, dtype, loc=3.0, scale=5.0)
     dy = random_array(shape, dtype, seed=1)
     expected, stats64, _, _ = reference_forward(x, None, None, None, None, training=True, axis=axis)
-    y, stats = abn.batch_norm(x, None, None, training=True, axis=axis, return_stats=True, backend=backend)
+    y, stats = abn.batch_norm(on.put(x), None, None, training=True, axis=axis, return_stats=True, backend=any_backend)
     tol = 2e-5 if dtype == np.float32 else 1e-10
-    assert rel_error(y, expected) < tol
+    assert rel_error(on.get(y), expected) < tol
     expected_dx = reference_backward(dy, x, stats64, None, True, axis=axis)[0]
-    assert rel_error(abn.batch_norm_backward(dy, x, stats, axis=axis, backend=backend)[0], expected_dx) < tol
+    dx = abn.batch_norm_backward(on.put(dy), on.put(x), stats, axis=axis, backend=any_backend)[0]
+    assert rel_error(on.get(dx), expected_dx) < tol
 
 
 def _all_outputs(x, dy, axis):
@@ -196,7 +203,7 @@ def test_kernel_paths_agree_bitwise_and_match_the_reference(monkeypatch, shape, 
 
 
 @pytest.mark.parametrize("shape, axis", [*LAYOUTS, ((2, 2), 1)], ids=[*LAYOUT_IDS, "NC-two-rows"])
-def test_gradient_that_cancels_far_below_dy(backend, shape, axis):
+def test_gradient_that_cancels_far_below_dy(any_backend, on, shape, axis):
     # dy almost a linear function of x: dx is dy minus its projection, 1e-4 of dy here (and of order
     # eps with two rows). Its accuracy needs sum(dy * (x - mean)) with exact products.
     x = random_array(shape, loc=1.0)
@@ -206,8 +213,9 @@ def test_gradient_that_cancels_far_below_dy(backend, shape, axis):
     x_hat = (x - stats.mean.reshape(channel_shape)) * stats.invstd.reshape(channel_shape)
     dy = (0.3 + 0.7 * x_hat + 1e-4 * random_array(shape, seed=1)).astype(np.float32)
     want, _, _ = reference_backward(dy, x, stats, None, training=True, axis=axis)
-    got, _, _ = abn.batch_norm_backward(dy, x, stats, axis=axis, backend=backend)
-    assert rel_error(got, want) < 2e-5
+    stats_on = abn.BatchStats(on.put(stats.mean), on.put(stats.invstd))
+    got, _, _ = abn.batch_norm_backward(on.put(dy), on.put(x), stats_on, axis=axis, backend=any_backend)
+    assert rel_error(on.get(got), want) < 2e-5
 
 
 def test_fma_rounds_once_in_scalar_code_and_in_line_kernels():
