@@ -1,25 +1,27 @@
 """What only the GPU backend has: work cut into many tiny blocks, vector widths, CuPy streams, no
 host synchronization, the layer on the device. The conformance table (test_conformance.py) runs on
-the GPU too; these tests add the device-specific cases. They need a CUDA GPU (`pytest -m gpu`)."""
+the GPU too; these tests add the device-specific cases. They run on a CUDA device when CuPy sees
+one and otherwise on the CUDA-on-CPU harness (tests/cudaemu), except the few marked as needing
+real hardware (streams, graph capture)."""
 
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import BACKENDS, ArraysOn, random_array, reference_backward, reference_forward, rel_error, tolerance
+from conftest import GPU_DEVICE, ArraysOn, random_array, reference_backward, reference_forward, rel_error, tolerance
 from test_conformance import LAYOUTS, _params
 
 import accelbn as abn
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif("cupy" not in BACKENDS, reason="needs a CUDA GPU that CuPy sees"),
-]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu")]
+needs_device = pytest.mark.skipif(
+    not GPU_DEVICE, reason="needs a CUDA device: the harness has no streams, graphs or host synchronization"
+)
 
 on = ArraysOn("cupy")
 
 
 @pytest.fixture
-def cupy_gpu():
+def cupy_gpu(gpu):
     from accelbn.backends import cupy_gpu
 
     return cupy_gpu
@@ -87,18 +89,26 @@ def test_results_are_bitwise_identical_run_to_run(layout):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_unaligned_views_take_the_scalar_kernels_and_agree(layout):
+def test_unaligned_views_take_the_scalar_kernels_and_agree(cupy_gpu, monkeypatch, layout):
+    widths = []
+    kernel = cupy_gpu._kernel
+    monkeypatch.setattr(cupy_gpu, "_kernel", lambda dtype, name, *args: widths.append(args[:1]) or kernel(dtype, name, *args))
     base = random_array((16 * 32 * 8 * 8 + 1,), seed=9)
     shape = (16, 32, 8, 8) if layout == "NCHW" else (16, 8, 8, 32)
     axis = 1 if layout == "NCHW" else -1
-    aligned = on.put(base[:-1].reshape(shape))
+    aligned = on.put(base[1:].reshape(shape))  # a device copy of the same values, 16-byte aligned
     unaligned = on.put(base)[1:].reshape(shape)  # 4 bytes off a 16-byte boundary
+    assert aligned.data.ptr % 16 == 0
     assert unaligned.data.ptr % 16 == 4
     got = on.get(abn.batch_norm(unaligned, None, None, training=True, axis=axis))
+    assert set(widths) == {(1,), ()}  # element kernels at width 1, finishing kernels
+    widths.clear()
     want = on.get(abn.batch_norm(aligned, None, None, training=True, axis=axis))
+    assert set(widths) == {(4,), ()}
     assert rel_error(got, want) < 1e-6
 
 
+@needs_device
 def test_runs_on_the_current_stream():
     import cupy
 
@@ -111,6 +121,7 @@ def test_runs_on_the_current_stream():
     np.testing.assert_array_equal(on.get(y), expected)
 
 
+@needs_device
 def test_a_call_never_synchronizes_with_the_host():
     # Stream capture fails on any synchronizing call (a device-to-host copy, a sync, a blocking
     # allocation). Warm up first so kernels are compiled and the memory pool holds free blocks.
