@@ -87,6 +87,24 @@ def gpu(request):
     return request.getfixturevalue("emulated_cupy")
 
 
+@pytest.fixture
+def cupy_gpu(gpu):
+    """The GPU backend's module (bound to the stand-in cupy on the harness)."""
+    from accelbn.backends import cupy_gpu
+
+    return cupy_gpu
+
+
+@pytest.fixture
+def tiny_blocks(cupy_gpu, monkeypatch):
+    """32-thread blocks, one vector or row per thread per item, and fewer blocks than items, so
+    even small arrays span many work items, blocks loop over items, and every merge is exercised."""
+    for name, value in [("BLOCK", 32), ("TILE_VECTORS_PER_THREAD", 1), ("TILE_ROWS_PER_THREAD", 1),
+                        ("TARGET_ITEMS", 1 << 20), ("MAX_BLOCKS", 7)]:
+        monkeypatch.setattr(cupy_gpu, name, value)
+    return cupy_gpu
+
+
 @pytest.fixture(params=CPU_BACKENDS + [pytest.param("cupy", marks=pytest.mark.gpu)])
 def any_backend(request):
     if request.param == "cupy":

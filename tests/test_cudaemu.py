@@ -115,6 +115,7 @@ def selftest():
 
 @pytest.fixture
 def cupy(emulated_cupy):
+    """The stand-in, even where a GPU is present: these tests are about the harness."""
     return emulated_cupy
 
 
@@ -216,17 +217,6 @@ def test_launch_arguments_must_have_the_kernels_types(selftest, cupy):
 # --- the project's kernels ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_blocks(cupy, monkeypatch):
-    """As in test_gpu: 32-thread blocks, many small work items, fewer blocks than items."""
-    from accelbn.backends import cupy_gpu
-
-    for name, value in [("BLOCK", 32), ("TILE_VECTORS_PER_THREAD", 1), ("TILE_ROWS_PER_THREAD", 1),
-                        ("TARGET_ITEMS", 1 << 20), ("MAX_BLOCKS", 7)]:
-        monkeypatch.setattr(cupy_gpu, name, value)
-    return cupy_gpu
-
-
 # One case per loop family and vector width: (shape, axis), each spanning several tiles at 32 and 64
 # threads per block. Rows of a multiple of every vector width take the vector kernels, odd ones the
 # scalar kernels.
@@ -245,7 +235,7 @@ def _run(x, axis, training):
     return params, dy, [on.get(a) for a in (y, stats.mean, stats.invstd, *grads, p["running_mean"], p["running_var"])]
 
 
-def test_every_kernel_instantiation_is_launched(tiny_blocks):
+def test_every_kernel_instantiation_is_launched(cupy, tiny_blocks):
     from cudaemu import runtime
 
     runtime.launched.clear()
@@ -258,7 +248,7 @@ def test_every_kernel_instantiation_is_launched(tiny_blocks):
 
 
 @pytest.mark.parametrize("shape, axis", [((5, 8, 6, 8), 1), ((7, 3, 4, 24), -1), ((41, 9), 1)], ids=["NCHW", "NHWC", "NC"])
-def test_results_are_bitwise_identical_under_every_schedule(tiny_blocks, shape, axis):
+def test_results_are_bitwise_identical_under_every_schedule(cupy, tiny_blocks, shape, axis):
     from cudaemu import runtime, schedule
 
     x = random_array(shape, seed=2, loc=2.0)
@@ -327,7 +317,7 @@ def _mutant_outcome(cupy_gpu, monkeypatch, tmp_path, original, replacement):
 
 
 @pytest.mark.parametrize("name, original, replacement", MUTANTS, ids=[m[0] for m in MUTANTS])
-def test_a_planted_bug_in_the_kernels_is_caught(tiny_blocks, monkeypatch, tmp_path, name, original, replacement):
+def test_a_planted_bug_in_the_kernels_is_caught(cupy, tiny_blocks, monkeypatch, tmp_path, name, original, replacement):
     outcome = _mutant_outcome(tiny_blocks, monkeypatch, tmp_path, original, replacement)
     assert outcome is not None, f"{name}: no test noticed"
     print(f"{name}: {outcome}")

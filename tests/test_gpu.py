@@ -20,24 +20,6 @@ needs_device = pytest.mark.skipif(
 on = ArraysOn("cupy")
 
 
-@pytest.fixture
-def cupy_gpu(gpu):
-    from accelbn.backends import cupy_gpu
-
-    return cupy_gpu
-
-
-@pytest.fixture
-def tiny_blocks(cupy_gpu, monkeypatch):
-    """32-thread blocks, one vector or row per thread per item, and fewer blocks than items, so
-    even small arrays span many work items, blocks loop over items, and every merge is exercised."""
-    monkeypatch.setattr(cupy_gpu, "BLOCK", 32)
-    monkeypatch.setattr(cupy_gpu, "TILE_VECTORS_PER_THREAD", 1)
-    monkeypatch.setattr(cupy_gpu, "TILE_ROWS_PER_THREAD", 1)
-    monkeypatch.setattr(cupy_gpu, "TARGET_ITEMS", 1 << 20)
-    monkeypatch.setattr(cupy_gpu, "MAX_BLOCKS", 7)
-
-
 def _train_and_backward(x, axis, dtype, training=True):
     p = _params(x.shape[axis], np.float32 if dtype != np.float64 else dtype)
     dy = random_array(x.shape, seed=11).astype(dtype)
