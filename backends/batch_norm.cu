@@ -10,9 +10,9 @@
 // tile order) and use no atomics, so results are bitwise identical run to run.
 //
 // Statistics, gradient sums and the gradient pass accumulate and compute in double, whatever the
-// storage type: float sums of a channel with a large mean lose the variance (mean -300, std 1.2
-// normalizes 1e-4 off), values near the float limit overflow in differences, and a gradient that
-// cancels far below dy loses its digits in float arithmetic. The normalize pass computes in float
+// storage type: float sums of a channel whose mean is large against its spread lose the variance,
+// values near the float limit overflow in differences, and a gradient that cancels far below dy
+// loses its digits in float arithmetic. The normalize pass computes in float
 // (double for double), as PyTorch does, with the mean split so that x - mean loses nothing.
 // Per-channel numbers arrive and leave as double.
 // Two loop families:

@@ -50,7 +50,7 @@ def _emulator_missing():
     return None
 
 
-EMULATOR_MISSING = None if GPU_DEVICE else _emulator_missing()
+EMULATOR_MISSING = _emulator_missing()
 if EMULATOR_MISSING and _CUDA_TESTS == "required":
     raise pytest.UsageError(f"ACCELBN_CUDA_TESTS=required, but the CUDA-on-CPU harness cannot run: {EMULATOR_MISSING}")
 
