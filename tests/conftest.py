@@ -1,4 +1,5 @@
-"""Shared fixtures: the backend table every conformance test runs through, and the float64 oracle."""
+"""Shared fixtures: the backend table every conformance test runs through, and the float64 oracle
+(tests/oracle.py, which shares no code with accelbn)."""
 
 import ctypes
 import hashlib
@@ -20,6 +21,8 @@ _ROOT = pathlib.Path(__file__).resolve().parent.parent
 _KERNEL_SOURCES = [_ROOT / "backends" / f for f in ("numba_cpu.py", "_lines.py")] + [_ROOT / "accelbn" / "_formulas.py"]
 _DIGEST = hashlib.sha256(b"".join(p.read_bytes() for p in _KERNEL_SOURCES)).hexdigest()[:16]
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "accelbn-numba-cache", _DIGEST))
+
+import oracle
 
 import accelbn as abn
 
@@ -177,19 +180,15 @@ def assert_matches_reference(got, want):
 
 
 def reference_forward(x, running_mean, running_var, weight, bias, training, momentum=0.1, eps=1e-5, axis=1):
-    """The oracle: the NumPy reference backend on float64 copies of every input."""
-    as64 = lambda v: None if v is None else np.asarray(v, dtype=np.float64).copy()
-    rm, rv = as64(running_mean), as64(running_var)
-    y, stats = abn.batch_norm(
-        as64(x), rm, rv, as64(weight), as64(bias), training, momentum, eps, axis=axis, return_stats=True, backend="numpy"
-    )
-    return y, stats, rm, rv
+    """The oracle's forward (tests/oracle.py, independent of accelbn): ``(y, stats, running_mean,
+    running_var)`` in float64, the running statistics as updated (new arrays; the inputs are unchanged)."""
+    r = oracle.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis)
+    return r.y, abn.BatchStats(r.mean, r.invstd), r.running_mean, r.running_var
 
 
 def reference_backward(dy, x, stats, weight, training, axis=1):
-    as64 = lambda v: None if v is None else np.asarray(v, dtype=np.float64)
-    stats64 = abn.BatchStats(as64(stats.mean), as64(stats.invstd))
-    return abn.batch_norm_backward(as64(dy), as64(x), stats64, as64(weight), training=training, axis=axis, backend="numpy")
+    """The oracle's ``(dx, dweight, dbias)`` at the saved statistics ``stats``, in float64."""
+    return oracle.batch_norm_backward(dy, x, stats.mean, stats.invstd, weight, training, axis)
 
 
 def random_array(shape, dtype=np.float32, seed=0, loc=0.0, scale=1.0):

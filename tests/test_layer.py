@@ -25,7 +25,11 @@ def test_train_updates_running_stats_and_eval_uses_them():
     layer(x)
     layer(x)
     assert int(layer.num_batches_tracked) == 2
-    assert np.all(layer.running_mean > 0.9)
+    # two blends with momentum 0.1: 0 -> 0.1 m -> 0.19 m, and 1 -> 0.9 + 0.1 v -> 0.81 + 0.19 v, with
+    # the unbiased batch variance v
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(layer.running_mean, 0.19 * x64.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(layer.running_var, 0.81 + 0.19 * x64.var(axis=(0, 2, 3), ddof=1), rtol=1e-6)
     before = layer.state_dict()
     layer.eval()
     y = layer(x)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import oracle
 from conftest import random_array, rel_error
 
 import accelbn as abn
@@ -25,7 +26,7 @@ def test_functional_forward_and_running_stats(backend, shape, dtype, training):
     x = random_array(shape, dtype, loc=0.5, scale=2.0)
     weight, bias = random_array(c, dtype, seed=1), random_array(c, dtype, seed=2)
     rm, rv = random_array(c, dtype, seed=3), np.abs(random_array(c, dtype, seed=4)) + 0.5
-    trm, trv = _t(rm), _t(rv)  # torch keeps its own copies
+    trm, trv = _t(rm.copy()), _t(rv.copy())  # torch updates its own buffers, accelbn rm and rv
     expected = F.batch_norm(_t(x), trm, trv, _t(weight), _t(bias), training, 0.3, 1e-4)
     y = abn.batch_norm(x, rm, rv, weight, bias, training, 0.3, 1e-4, backend=backend)
     tol = 2e-5 if dtype == np.float32 else 1e-10
@@ -190,3 +191,27 @@ def test_zero_eps_is_rejected_in_training_as_torch_rejects_it(training):
         layer(x)
     assert str(got.value) == str(expected.value)
     assert int(layer.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_oracle_matches_torch(shape, training):
+    """The tests' oracle (tests/oracle.py) is itself checked against PyTorch: forward, the updated
+    running statistics (in torch's own buffers), and the gradients by autograd."""
+    c = shape[1]
+    x = random_array(shape, np.float64, loc=0.5, scale=2.0)
+    weight, bias = random_array(c, np.float64, seed=1), random_array(c, np.float64, seed=2)
+    rm, rv = random_array(c, np.float64, seed=3), np.abs(random_array(c, np.float64, seed=4)) + 0.5
+    dy = random_array(shape, np.float64, seed=5)
+    trm, trv = _t(rm.copy()), _t(rv.copy())
+    tx, tw, tb = (_t(a).requires_grad_() for a in (x, weight, bias))
+    expected = F.batch_norm(tx, trm, trv, tw, tb, training, 0.3, 1e-4)
+    expected.backward(_t(dy))
+    got = oracle.batch_norm(x, rm, rv, weight, bias, training, 0.3, 1e-4)
+    assert rel_error(got.y, expected.detach().numpy()) < 1e-12
+    assert rel_error(got.running_mean, trm.numpy()) < 1e-12
+    assert rel_error(got.running_var, trv.numpy()) < 1e-12
+    dx, dweight, dbias = oracle.batch_norm_backward(dy, x, got.mean, got.invstd, weight, training)
+    assert rel_error(dx, tx.grad.numpy()) < 1e-10
+    assert rel_error(dweight, tw.grad.numpy()) < 1e-10
+    assert rel_error(dbias, tb.grad.numpy()) < 1e-10
