@@ -6,7 +6,6 @@ kernel instantiation the backend has, and bugs planted in batch_norm.cu fail the
 It runs without a GPU and is skipped only where a host compiler or the CUDA headers are missing
 (`.ci/run` makes that an error)."""
 
-import re
 
 import ml_dtypes
 import numpy as np

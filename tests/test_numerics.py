@@ -5,7 +5,7 @@ across thread counts."""
 import numba
 import numpy as np
 import pytest
-from conftest import assert_matches_reference, random_array, reference_backward, reference_forward, rel_error
+from conftest import random_array, reference_backward, reference_forward, rel_error
 
 import accelbn as abn
 
