@@ -1,8 +1,8 @@
-"""The NumPy reference backend: batch normalization written for clarity, in float64.
+"""The NumPy backend: batch normalization written for clarity, in float64.
 
-This is the oracle every other backend is tested against (and that is itself tested against
-PyTorch). It follows the same interface as the fast backends, on the canonical view
-``(outer, C, inner)``, but makes no attempt at speed.
+It follows the same interface as the fast backends, on the canonical view ``(outer, C, inner)``, but
+makes no attempt at speed. It is tested like them, against the tests' oracle (tests/oracle.py),
+which shares no code with accelbn.
 """
 
 import numpy as np
