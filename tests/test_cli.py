@@ -174,3 +174,44 @@ def test_unknown_command_exits_with_usage():
     result = run_cli("frobnicate")
     assert result.returncode != 0
     assert "usage:" in result.stderr
+
+
+@pytest.mark.parametrize("case", TINY_GRID, ids=lambda case: f"{case.label}-{case.layout}")
+def test_bench_times_what_it_says(case):
+    """Every callable the bench times (accelbn, its NumPy and PyTorch baselines) computes the pass it
+    is named after: train (with the running statistics' update), eval after it, and backward, each
+    against the oracle, so that no column compares unlike work."""
+    import oracle
+    import torch
+    from conftest import rel_error
+
+    a = _bench._Arrays(case, np.random.default_rng(2))
+    axis, channels = a.case.axis, a.x.shape[a.channel_axis]
+    calls = {"accelbn": _bench._accelbn_calls(a), "numpy": _bench._numpy_calls(a), "torch": _bench._torch_calls(a, torch)}
+    train = oracle.batch_norm(a.x, np.zeros(channels), np.ones(channels), a.weight, a.bias, True, _bench.MOMENTUM,
+                              _bench.EPS, axis)
+    evaluated = oracle.batch_norm(a.x, train.running_mean, train.running_var, a.weight, a.bias, False, eps=_bench.EPS,
+                                  axis=axis).y
+    dx, dweight, dbias = oracle.batch_norm_backward(a.dy, a.x, a.stats.mean, a.stats.invstd, a.weight, True, axis)
+
+    def host(result, name):
+        if name == "accelbn":
+            return result
+        result = result.detach() if hasattr(result, "detach") else result
+        result = np.asarray(result)
+        return np.moveaxis(result, 1, -1) if name == "torch" and case.layout == "NHWC" else result
+
+    for name, call in calls.items():
+        y = a.y if name == "accelbn" else None
+        got = call["train"]()
+        assert rel_error(host(y if got is None else got, name), train.y) < 2e-5, name
+        got = call["eval"]()
+        assert rel_error(host(y if got is None else got, name), evaluated) < 2e-5, name
+        got = call["backward"]()
+        grads = (a.dx,) if got is None else got
+        assert rel_error(host(grads[0], name), dx) < 2e-5, name
+        if got is not None:
+            assert rel_error(np.asarray(grads[1]).ravel(), dweight) < 2e-5, name
+            assert rel_error(np.asarray(grads[2]).ravel(), dbias) < 2e-5, name
+    np.testing.assert_allclose(a.running_mean, train.running_mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a.running_var, train.running_var, rtol=1e-5)

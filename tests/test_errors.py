@@ -14,8 +14,9 @@ def _args():
     rng = np.random.default_rng(0)
     return {
         "x": rng.standard_normal((4, C, 5)).astype(np.float32),
-        "running_mean": np.zeros(C, np.float32),
-        "running_var": np.ones(C, np.float32),
+        # Not the zeros and ones a buggy reset or a blend with a default would leave behind unseen.
+        "running_mean": rng.standard_normal(C).astype(np.float32),
+        "running_var": rng.uniform(0.5, 2.0, C).astype(np.float32),
         "weight": np.ones(C, np.float32),
         "bias": np.zeros(C, np.float32),
         "training": True,
