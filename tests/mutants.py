@@ -70,7 +70,7 @@ COMMAND = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
 
 
 def _killed_by(output):
-    match = re.search(r"^FAILED (\S+)", output, flags=re.M)
+    match = re.search(r"^FAILED (.+?)(?: - |$)", output, flags=re.M)
     return match.group(1) if match else None
 
 
