@@ -2,6 +2,11 @@
 float64 reference (on every backend, the GPU's included), and bitwise determinism run to run and
 across thread counts."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -134,11 +139,6 @@ print(digest.hexdigest())
 
 
 def _digest_with_threads(threads):
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
     env = {**os.environ, "NUMBA_NUM_THREADS": "8", "ACCELBN_NUM_THREADS": str(threads)}
     tests = str(pathlib.Path(__file__).parent)
     result = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT, tests], env=env, capture_output=True, text=True,

@@ -151,16 +151,19 @@ def _in_wider_array(a, axis, channels):
     return wide[tuple(index)]
 
 
-# Strided views of the same values: name -> view of a (which the view's values then are).
+# Strided views holding the same values as ``a``: name -> view(a, axis).
 VIEWS = {
-    "reversed": lambda a: np.flip(a).copy()[tuple(slice(None, None, -1) for _ in a.shape)],
-    "offset": lambda a: np.concatenate([np.zeros(1, a.dtype), a.ravel()])[1:].reshape(a.shape),
-    "every-other-element": lambda a: np.stack([a, np.zeros_like(a)], axis=-1)[..., 0],
-    "channels-not-adjacent": lambda a: None,  # in _run: _in_wider_array(a, axis, slice(1, None, 2))
+    "reversed": lambda a, axis: np.flip(a).copy()[tuple(slice(None, None, -1) for _ in a.shape)],
+    "offset": lambda a, axis: np.concatenate([np.zeros(1, a.dtype), a.ravel()])[1:].reshape(a.shape),
+    "every-other-element": lambda a, axis: np.stack([a, np.zeros_like(a)], axis=-1)[..., 0],
+    "channels-not-adjacent": lambda a, axis: _in_wider_array(a, axis, slice(1, None, 2)),
+    "channels-adjacent-in-a-wider-array": lambda a, axis: _in_wider_array(a, axis, slice(None, a.shape[axis])),
 }
 
 
 def _run(shape, axis, dtype, config, monkeypatch, recorder):
+    """Every output for x and dy as contiguous arrays (with an aligned and an unaligned out=) and as
+    each of VIEWS, with the thresholds of ``config``, every kernel call going through ``recorder``."""
     monkeypatch.setattr(numba_cpu, "_kernels", recorder)
     _configure(monkeypatch, config)
     x = random_array(shape, dtype, loc=3.0)
@@ -169,13 +172,8 @@ def _run(shape, axis, dtype, config, monkeypatch, recorder):
     for offset in (0, 1):  # out= one element past a line boundary: unaligned heads and tails
         out = np.empty(x.size + offset, dtype)[offset:].reshape(shape)
         results.append(_outputs(x, dy, axis, out))
-    views = []
-    for name, make in VIEWS.items():
-        if make(x) is None:
-            views.append((name, _in_wider_array(x, axis, slice(1, None, 2)), _in_wider_array(dy, axis, slice(None, x.shape[axis]))))
-        else:
-            views.append((name, make(x), make(dy)))
-    for name, xv, dyv in views:
+    for name, view in VIEWS.items():
+        xv, dyv = view(x, axis), view(dy, axis)
         np.testing.assert_array_equal(xv, x, err_msg=name)
         results.append(_outputs(xv, dyv, axis))
     return x, dy, results
