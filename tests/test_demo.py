@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import GPU_DEVICE
 
 from accelbn._demo import data, experiments
 from accelbn._demo.cnn import CNN, BatchNormLayer, Conv3x3, Linear, softmax_cross_entropy
@@ -126,3 +127,24 @@ def test_cifar10_without_its_files_says_what_is_missing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "accelbn", "demo", "--data", "cifar10", "--path", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "missing" in result.stderr and "data_batch_1" in result.stderr
+
+
+def test_the_cnn_trains_on_cupy_arrays_as_on_numpy_arrays(emulated_cupy):
+    # On the CUDA-on-CPU harness without a GPU: the CNN's arrays are (stand-in) CuPy arrays and its
+    # BatchNorm layers run the CUDA kernels; the training curve matches the NumPy run's.
+    digits = data.digits()
+    small = data.Dataset("digits", digits.train_x[:192], digits.train_y[:192], digits.val_x[:64], digits.val_y[:64])
+    settings = experiments.Settings(epochs=2, seeds=(0,), learning_rates=(0.1,))
+    _, on_numpy = experiments.train(small, settings, batch_norm=True, lr=0.1, seed=0)
+    model, on_cupy = experiments.train(small, settings, batch_norm=True, lr=0.1, seed=0, xp=emulated_cupy)
+    assert isinstance(model.layers[1].bn.running_mean, emulated_cupy.ndarray)
+    np.testing.assert_allclose(on_cupy.loss, on_numpy.loss, rtol=1e-4)
+    assert on_cupy.val_accuracy == on_numpy.val_accuracy
+
+
+@pytest.mark.skipif(GPU_DEVICE, reason="CuPy sees a device here")
+def test_backend_cupy_without_a_device_says_why(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "accelbn", "demo", "--backend", "cupy", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--backend cupy: backend 'cupy' is not available" in result.stderr

@@ -51,7 +51,10 @@ def _array_module(backend):
         return numpy
     from accelbn._backends import require_library
 
-    require_library("cupy")  # a clear error without CuPy or a device
+    try:
+        require_library("cupy")
+    except ValueError as e:
+        raise SystemExit(f"--backend cupy: {e}") from None
     import cupy
 
     return cupy

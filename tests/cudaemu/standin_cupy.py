@@ -222,8 +222,17 @@ class ndarray:
     def fill(self, value):
         self._a.fill(value)
 
-    def sum(self, axis=None, dtype=None):
-        return _adopt(np.asarray(self._a.sum(axis=axis, dtype=dtype)))
+    def sum(self, axis=None, dtype=None, keepdims=False):
+        return _adopt(np.asarray(self._a.sum(axis=axis, dtype=dtype, keepdims=keepdims)))
+
+    def mean(self, axis=None, keepdims=False):
+        return _adopt(np.asarray(self._a.mean(axis=axis, keepdims=keepdims)))
+
+    def max(self, axis=None, keepdims=False):
+        return _adopt(np.asarray(self._a.max(axis=axis, keepdims=keepdims)))
+
+    def argmax(self, axis=None):
+        return _adopt(np.asarray(self._a.argmax(axis=axis)))
 
     def __getitem__(self, key):
         return self._wrap(self._a[_host(key, "index")])
@@ -355,6 +364,20 @@ def sqrt(a):
     return np.sqrt(a)
 
 
+def _numpy_function(function):
+    """A CuPy function with NumPy's semantics: stand-in arrays in, a new stand-in array out."""
+
+    def call(*args, **kwargs):
+        return _adopt(function(*_host(args, "argument"), **{k: _host(v, k) for k, v in kwargs.items()}))
+
+    call.__name__ = function.__name__
+    return call
+
+
+# What the demo's CNN (accelbn/_demo/cnn.py) calls besides the above.
+_NUMPY_FUNCTIONS = ["pad", "einsum", "exp", "log", "arange"]
+
+
 class RawModule:
     def __init__(self, code=None, path=None, options=(), backend="nvrtc", translate_cucomplex=False,
                  enable_cooperative_groups=False, name_expressions=None, jitify=False):
@@ -378,6 +401,9 @@ def _build():
         setattr(module, name, globals()[name])
     for name in ["float16", "float32", "float64", "int32", "int64", "bool_"]:
         setattr(module, name, getattr(np, name))
+    for name in _NUMPY_FUNCTIONS:
+        setattr(module, name, _numpy_function(getattr(np, name)))
+    module.linalg = types.SimpleNamespace(norm=_numpy_function(np.linalg.norm))
     module.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=_as_strided))
     module.cuda = types.SimpleNamespace(
         Device=Device, Stream=Stream, MemoryPointer=MemoryPointer,
