@@ -32,6 +32,11 @@ class _Progress:
             self.stream.write(bar + "\n")  # a log file gets a line a quarter
         self.stream.flush()
 
+    def finish(self):
+        """Close the bar when runs that diverged stopped early and left epochs untrained."""
+        if self.done < self.total and self.stream.isatty():
+            self.stream.write("\n")
+
 
 def _epochs_needed(settings, chosen):
     runs = 0
@@ -86,6 +91,7 @@ def run(*, quick=False, data_name="digits", path=None, limit=None, backend="nump
         results["momentum"] = experiments.momentum_under_shift(dataset, settings, xp, progress)
     if "batch1" in chosen:
         results["batch_of_one"] = experiments.batch_of_one(dataset, settings, xp, progress)
+    progress.finish()
     folder = pathlib.Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     summary = report.markdown(results)
