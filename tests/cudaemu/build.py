@@ -34,8 +34,8 @@ class BuildUnavailable(RuntimeError):
 
 def cuda_include():
     """A CUDA include directory whose ``cuda_fp16.h``/``cuda_bf16.h`` compile on the host: the one
-    NVIDIA's CUDA 13 wheels share (``nvidia-cuda-runtime`` and ``nvidia-cuda-crt``, in the test
-    extra), ``$CUDA_HOME/include``, or ``/usr/local/cuda/include``."""
+    NVIDIA's CUDA 13 wheels share (``nvidia-cuda-runtime``, ``nvidia-cuda-crt`` and
+    ``nvidia-cuda-cccl``, in the test extra), ``$CUDA_HOME/include``, or ``/usr/local/cuda/include``."""
     candidates = []
     spec = importlib.util.find_spec("nvidia")
     if spec is not None:
@@ -44,11 +44,11 @@ def cuda_include():
         candidates.append(pathlib.Path(os.environ["CUDA_HOME"]) / "include")
     candidates.append(pathlib.Path("/usr/local/cuda/include"))
     for c in candidates:
-        if (c / "crt" / "host_defines.h").exists() and (c / "cuda_fp16.h").exists():
+        if all((c / header).exists() for header in ("cuda_fp16.h", "crt/host_defines.h", "nv/target")):
             return c
     raise BuildUnavailable(
-        "no CUDA headers with crt/host_defines.h and cuda_fp16.h: install the test extra "
-        "(nvidia-cuda-runtime and nvidia-cuda-crt) or a CUDA toolkit"
+        "no CUDA headers with cuda_fp16.h, crt/host_defines.h and nv/target: install the test extra "
+        "(nvidia-cuda-runtime, nvidia-cuda-crt and nvidia-cuda-cccl) or a CUDA toolkit"
     )
 
 
