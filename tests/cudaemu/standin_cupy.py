@@ -1,6 +1,7 @@
 """A stand-in ``cupy``: the part of CuPy that accelbn and its tests use, over guarded host memory,
-with ``RawModule`` building kernels through the CUDA-on-CPU harness. ``install()`` puts it in
-``sys.modules`` (tests do so through a fixture that restores the real module afterwards).
+with ``RawModule`` building kernels through the CUDA-on-CPU harness. The ``emulated_cupy`` fixture
+(tests/conftest.py) puts ``MODULE`` in ``sys.modules`` for one test, with ``after_launch`` checking
+every launch, and restores the real module afterwards.
 
 It behaves as CuPy does where accelbn could tell the difference: ``ndarray`` is not a NumPy array,
 ``np.asarray`` on one raises TypeError (results come back with ``.get()``), mixing a NumPy array
@@ -17,7 +18,6 @@ memory could hold anything.
 import contextlib
 import ctypes
 import mmap
-import sys
 import types
 import weakref
 
@@ -360,10 +360,6 @@ def copyto(dst, src, casting="same_kind", where=None):
     np.copyto(dst._a, _host(src, "src"), casting=casting)
 
 
-def sqrt(a):
-    return np.sqrt(a)
-
-
 def _numpy_function(function):
     """A CuPy function with NumPy's semantics: stand-in arrays in, a new stand-in array out."""
 
@@ -374,8 +370,8 @@ def _numpy_function(function):
     return call
 
 
-# What the demo's CNN (accelbn/_demo/cnn.py) calls besides the above.
-_NUMPY_FUNCTIONS = ["pad", "einsum", "exp", "log", "arange"]
+# Functions with NumPy's semantics that the front (sqrt) and the demo's CNN (accelbn/_demo/cnn.py) call.
+_NUMPY_FUNCTIONS = ["sqrt", "pad", "einsum", "exp", "log", "arange"]
 
 
 class RawModule:
@@ -397,7 +393,7 @@ def _as_strided(a, shape=None, strides=None):
 def _build():
     module = types.ModuleType("cupy", "the stand-in cupy of tests/cudaemu")
     for name in ["ndarray", "empty", "empty_like", "zeros", "zeros_like", "ones", "full", "array", "asarray",
-                 "ascontiguousarray", "asnumpy", "copyto", "sqrt", "RawModule"]:
+                 "ascontiguousarray", "asnumpy", "copyto", "RawModule"]:
         setattr(module, name, globals()[name])
     for name in ["float16", "float32", "float64", "int32", "int64", "bool_"]:
         setattr(module, name, getattr(np, name))
@@ -420,9 +416,3 @@ def _build():
 
 MODULE = _build()
 
-
-def install():
-    """Make ``import cupy`` give the stand-in, with launches checked; returns the module."""
-    sys.modules["cupy"] = MODULE
-    runtime.settings.after_launch = after_launch
-    return MODULE
