@@ -191,6 +191,30 @@ def reference_backward(dy, x, stats, weight, training, axis=1):
     return oracle.batch_norm_backward(dy, x, stats.mean, stats.invstd, weight, training, axis)
 
 
+def channel_params(channels, dtype, seed=7):
+    """Running statistics, weight and bias of ``channels`` channels, away from 0 and 1 so that a
+    value in the wrong slot shows."""
+    rng = np.random.default_rng(seed)
+    return {
+        "running_mean": rng.standard_normal(channels).astype(dtype),
+        "running_var": rng.uniform(0.5, 2.0, channels).astype(dtype),
+        "weight": rng.uniform(0.5, 1.5, channels).astype(dtype),
+        "bias": rng.standard_normal(channels).astype(dtype),
+    }
+
+
+def numba_outputs(x, dy, axis, out=None):
+    """Every output of the numba backend on ``x``: train forward (into ``out`` when given), its saved
+    and updated running statistics, eval with them, and the trained and frozen backward."""
+    p = channel_params(x.shape[axis], x.dtype)
+    y, stats = abn.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], True, 0.1, 1e-5,
+                              axis=axis, out=out, return_stats=True, backend="numba")
+    evaluated = abn.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], axis=axis, backend="numba")
+    trained = abn.batch_norm_backward(dy, x, stats, p["weight"], axis=axis, backend="numba")
+    frozen = abn.batch_norm_backward(dy, x, stats, p["weight"], training=False, axis=axis, backend="numba")
+    return [y.copy(), *stats, p["running_mean"], p["running_var"], evaluated, *trained, *frozen]
+
+
 def random_array(shape, dtype=np.float32, seed=0, loc=0.0, scale=1.0):
     return (np.random.default_rng(seed).standard_normal(shape) * scale + loc).astype(dtype)
 

@@ -3,7 +3,7 @@
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import random_array, reference_backward, reference_forward, rel_error, tolerance
+from conftest import channel_params, random_array, reference_backward, reference_forward, rel_error, tolerance
 
 import accelbn as abn
 
@@ -43,21 +43,11 @@ def dtype(request):
     return request.param
 
 
-def _params(channels, dtype, seed=7):
-    rng = np.random.default_rng(seed)
-    return {
-        "running_mean": rng.standard_normal(channels).astype(dtype),
-        "running_var": rng.uniform(0.5, 2.0, channels).astype(dtype),
-        "weight": rng.uniform(0.5, 1.5, channels).astype(dtype),
-        "bias": rng.standard_normal(channels).astype(dtype),
-    }
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_forward_matches_reference(any_backend, on, layout, dtype, training):
     x, axis = layout
     x = x.astype(dtype)
-    p = _params(x.shape[axis], dtype)
+    p = channel_params(x.shape[axis], dtype)
     expected, expected_stats, expected_rm, expected_rv = reference_forward(x, **p, training=training, axis=axis)
     p_on = on.puts(p)
     y, stats = abn.batch_norm(on.put(x), **p_on, training=training, axis=axis, return_stats=True, backend=any_backend)
@@ -77,7 +67,7 @@ def test_forward_matches_reference(any_backend, on, layout, dtype, training):
 def test_backward_matches_reference(any_backend, on, layout, dtype, training):
     x, axis = layout
     x = x.astype(dtype)
-    p = _params(x.shape[axis], dtype)
+    p = channel_params(x.shape[axis], dtype)
     dy = random_array(x.shape, dtype, seed=11)
     _, stats = abn.batch_norm(x, None, None, p["weight"], p["bias"], True, axis=axis, return_stats=True)
     expected = reference_backward(dy, x, stats, p["weight"], training, axis=axis)
@@ -98,7 +88,7 @@ def test_backward_matches_reference(any_backend, on, layout, dtype, training):
 def test_half_input_with_float32_parameters(any_backend, on, half, layout):
     axis = 1 if layout == "NCHW" else -1
     x = random_array((8, 3, 6, 6) if axis == 1 else (8, 6, 6, 3)).astype(half)
-    p = _params(3, np.float32)
+    p = channel_params(3, np.float32)
     expected, _, expected_rm, expected_rv = reference_forward(x, **p, training=True, axis=axis)
     p_on = on.puts(p)
     y, stats = abn.batch_norm(on.put(x), **p_on, training=True, axis=axis, return_stats=True, backend=any_backend)
@@ -125,9 +115,9 @@ def test_without_weight_bias_or_running_stats(any_backend, on):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_out_receives_the_result(any_backend, on, dtype, training):
     x = on.put(random_array((4, 3, 5, 5), dtype))
-    expected = abn.batch_norm(x, **on.puts(_params(3, dtype)), training=training, backend=any_backend)
+    expected = abn.batch_norm(x, **on.puts(channel_params(3, dtype)), training=training, backend=any_backend)
     out = on.put(np.empty(x.shape, dtype))
-    assert abn.batch_norm(x, **on.puts(_params(3, dtype)), training=training, out=out, backend=any_backend) is out
+    assert abn.batch_norm(x, **on.puts(channel_params(3, dtype)), training=training, out=out, backend=any_backend) is out
     np.testing.assert_array_equal(on.get(out), on.get(expected))
 
 

@@ -10,7 +10,7 @@ It runs without a GPU and is skipped only where a host compiler or the CUDA head
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import EMULATOR_MISSING, ArraysOn, random_array, reference_backward, reference_forward, rel_error
+from conftest import EMULATOR_MISSING, ArraysOn, channel_params, random_array, reference_backward, reference_forward, rel_error
 
 import accelbn as abn
 
@@ -224,9 +224,7 @@ _FAMILIES = [((9, 8, 4, 8), 1), ((5, 5, 3, 7), 1), ((3, 4, 5, 16), -1), ((37, 9)
 
 def _run(x, axis, training):
     """Forward (train or eval) and backward (trained or frozen statistics) on the device; host results."""
-    channels = x.shape[axis]
-    params = {"running_mean": np.zeros(channels, np.float32), "running_var": np.ones(channels, np.float32),
-              "weight": np.linspace(0.5, 1.5, channels, dtype=np.float32), "bias": np.linspace(-1, 1, channels, dtype=np.float32)}
+    params = channel_params(x.shape[axis], np.float32)
     p = on.puts(params)
     dy = random_array(x.shape, seed=5).astype(x.dtype)
     y, stats = abn.batch_norm(on.put(x), **p, training=training, axis=axis, return_stats=True)

@@ -7,8 +7,8 @@ real hardware (streams, graph capture)."""
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import GPU_DEVICE, ArraysOn, random_array, reference_backward, reference_forward, rel_error, tolerance
-from test_conformance import LAYOUTS, _params
+from conftest import GPU_DEVICE, ArraysOn, channel_params, random_array, reference_backward, reference_forward, rel_error, tolerance
+from test_conformance import LAYOUTS
 
 import accelbn as abn
 
@@ -21,7 +21,7 @@ on = ArraysOn("cupy")
 
 
 def _train_and_backward(x, axis, dtype, training=True):
-    p = _params(x.shape[axis], np.float32 if dtype != np.float64 else dtype)
+    p = channel_params(x.shape[axis], np.float32 if dtype != np.float64 else dtype)
     dy = random_array(x.shape, seed=11).astype(dtype)
     p_on = on.puts(p)
     y, stats = abn.batch_norm(on.put(x), **p_on, training=training, axis=axis, return_stats=True)

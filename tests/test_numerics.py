@@ -110,15 +110,6 @@ def test_precision_against_float64_reference(any_backend, on, shape, axis, dtype
     assert rel_error(on.get(dx), expected_dx) < tol
 
 
-def _all_outputs(x, dy, axis):
-    rm, rv = np.zeros(x.shape[axis], x.dtype), np.ones(x.shape[axis], x.dtype)
-    y, stats = abn.batch_norm(x, rm, rv, training=True, axis=axis, return_stats=True, backend="numba")
-    grads = abn.batch_norm_backward(dy, x, stats, axis=axis, backend="numba")
-    frozen = abn.batch_norm_backward(dy, x, stats, axis=axis, training=False, backend="numba")
-    evaluated = abn.batch_norm(x, rm, rv, axis=axis, backend="numba")
-    return [y, *stats, rm, rv, *grads, *frozen, evaluated]
-
-
 # Large enough that every channel spans many statistics chunks and row blocks.
 DETERMINISM = [((32, 5, 40, 40), 1), ((70000, 6), 1), ((30, 40, 40, 3), -1)]
 
@@ -128,11 +119,11 @@ DETERMINISM = [((32, 5, 40, 40), 1), ((70000, 6), 1), ((30, 40, 40, 3), -1)]
 _DIGEST_SCRIPT = """
 import hashlib, sys
 sys.path.insert(0, sys.argv[1])
-from conftest import random_array
-from test_numerics import DETERMINISM, _all_outputs
+from conftest import numba_outputs, random_array
+from test_numerics import DETERMINISM
 digest = hashlib.sha256()
 for shape, axis in DETERMINISM:
-    for a in _all_outputs(random_array(shape, loc=2.0), random_array(shape, seed=1), axis):
+    for a in numba_outputs(random_array(shape, loc=2.0), random_array(shape, seed=1), axis):
         digest.update(a.tobytes())
 print(digest.hexdigest())
 """

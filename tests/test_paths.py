@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_reference, random_array, reference_backward, reference_forward
+from conftest import (
+    assert_matches_reference,
+    channel_params,
+    numba_outputs,
+    random_array,
+    reference_backward,
+    reference_forward,
+)
 
 import accelbn as abn
 from accelbn.backends import _numba_runtime, numba_cpu
@@ -87,27 +94,9 @@ def _configure(monkeypatch, config):
     monkeypatch.setattr(_numba_runtime, "SERIAL_MAX_ELEMENTS", serial_max)
 
 
-def _params(channels, dtype):
-    rng = np.random.default_rng(3)
-    return {"weight": rng.uniform(0.5, 1.5, channels).astype(dtype), "bias": rng.standard_normal(channels).astype(dtype),
-            "running_mean": rng.standard_normal(channels).astype(dtype),
-            "running_var": rng.uniform(0.5, 2.0, channels).astype(dtype)}
-
-
-def _outputs(x, dy, axis, out=None):
-    """Every output of train forward (into ``out`` when given), eval, and both backwards."""
-    p = _params(x.shape[axis], x.dtype)
-    y, stats = abn.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], True, 0.1, 1e-5,
-                              axis=axis, out=out, return_stats=True, backend="numba")
-    evaluated = abn.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], axis=axis, backend="numba")
-    trained = abn.batch_norm_backward(dy, x, stats, p["weight"], axis=axis, backend="numba")
-    frozen = abn.batch_norm_backward(dy, x, stats, p["weight"], training=False, axis=axis, backend="numba")
-    return [y.copy(), *stats, p["running_mean"], p["running_var"], evaluated, *trained, *frozen]
-
-
 def _check_against_oracle(x, dy, axis, outputs):
     y, mean, invstd, rm, rv, evaluated, dx, dweight, dbias, frozen_dx, frozen_dweight, frozen_dbias = outputs
-    p = _params(x.shape[axis], x.dtype)
+    p = channel_params(x.shape[axis], x.dtype)
     want_y, want_stats, want_rm, want_rv = reference_forward(x, **p, training=True, axis=axis)
     for got, want in [(y, want_y), (mean, want_stats.mean), (invstd, want_stats.invstd), (rm, want_rm), (rv, want_rv)]:
         assert_matches_reference(got, want)
@@ -126,7 +115,7 @@ def _check_against_torch(x, dy, axis, outputs):
     """Forward, running statistics and autograd's gradients of PyTorch on the same values (NCHW, in
     float64 so that PyTorch's own float32 rounding does not count against accelbn)."""
     y, _, _, rm, rv, _, dx, dweight, dbias = outputs[:9]
-    p = {k: v.astype(np.float64) for k, v in _params(x.shape[axis], x.dtype).items()}
+    p = {k: v.astype(np.float64) for k, v in channel_params(x.shape[axis], x.dtype).items()}
     move = functools.partial(np.moveaxis, source=axis, destination=1)
     tx = torch.from_numpy(np.ascontiguousarray(move(x), dtype=np.float64)).requires_grad_()
     tw, tb = (torch.from_numpy(p[k]).requires_grad_() for k in ("weight", "bias"))
@@ -171,11 +160,11 @@ def _run(shape, axis, dtype, config, monkeypatch, recorder):
     results = []
     for offset in (0, 1):  # out= one element past a line boundary: unaligned heads and tails
         out = np.empty(x.size + offset, dtype)[offset:].reshape(shape)
-        results.append(_outputs(x, dy, axis, out))
+        results.append(numba_outputs(x, dy, axis, out))
     for name, view in VIEWS.items():
         xv, dyv = view(x, axis), view(dy, axis)
         np.testing.assert_array_equal(xv, x, err_msg=name)
-        results.append(_outputs(xv, dyv, axis))
+        results.append(numba_outputs(xv, dyv, axis))
     return x, dy, results
 
 
@@ -210,7 +199,7 @@ def test_zero_size_views_on_every_path(path):
     empty_shape = list(shape)
     empty_shape[others[0]] = 0
     x = np.zeros(empty_shape, np.float32)[tuple(slice(None, None, -1) for _ in shape)]
-    p = _params(shape[axis], np.float32)
+    p = channel_params(shape[axis], np.float32)
     rm, rv = p["running_mean"].copy(), p["running_var"].copy()
     assert abn.batch_norm(x, p["running_mean"], p["running_var"], training=True, axis=axis).shape == x.shape
     np.testing.assert_array_equal(p["running_mean"], rm)  # left alone, as PyTorch does
