@@ -43,7 +43,7 @@ class Conv3x3:
 
     def backward(self, dy):
         xp = self.xp
-        n, f, h, w = dy.shape
+        h, w = dy.shape[2:]
         weight = self.params["weight"]
         dpadded = xp.zeros_like(self.padded)
         self.grads = {"weight": xp.zeros_like(weight)}
@@ -137,7 +137,8 @@ def softmax_cross_entropy(xp, logits, labels):
 
 
 class CNN:
-    """The network; ``bn_momentum=None`` builds it without batch norm (the convolutions get biases)."""
+    """The network; ``batch_norm=False`` builds it without batch norm (the convolutions then get
+    biases). ``bn_momentum`` is BatchNorm's (PyTorch's convention)."""
 
     def __init__(self, seed, in_channels, size, classes=10, batch_norm=True, bn_momentum=0.1, xp=np):
         rng = np.random.default_rng(seed)

@@ -127,11 +127,9 @@ def batch_of_one(data, settings, xp=np, progress=None):
         rows["training a BN on flat features with a batch of 1"] = "no error"
     except ValueError as e:
         rows["training a BN on flat features with a batch of 1"] = f"ValueError: {e}"
-    for bn, state in zip(bns, saved):
+    for bn, state in zip(bns, saved):  # the training forward moved the running statistics
         bn.load_state_dict(state)
     rows["forgot eval(): train mode, batches of 1"] = accuracy(model, x, y, xp, batch=1, training=True)
-    for bn, state in zip(bns, saved):  # train mode moved the running statistics: put them back
-        bn.load_state_dict(state)
     for bn in bns:  # statistics never updated, as after loading weights without buffers
         bn.running_mean[...] = 0
         bn.running_var[...] = 1
