@@ -46,8 +46,7 @@ class _Allocation:
         self.nbytes = nbytes
         self.start = base + _PAGE + self._offset
         self.buffer = self._body[self._offset : self._offset + nbytes]
-        self._body[: self._offset] = _CANARY
-        self._body[self._offset + nbytes :] = _CANARY
+        self.arm_canaries()
         _live.add(self)
 
     def describe(self):
@@ -63,6 +62,11 @@ class _Allocation:
         if address >= self.start + self.nbytes:
             return f"{address - self.start - self.nbytes} bytes past the end of {self.describe()}"
         return f"inside {self.describe()}"
+
+    def arm_canaries(self):
+        """Fill the bytes around the array with the canary."""
+        self._body[: self._offset] = _CANARY
+        self._body[self._offset + self.nbytes :] = _CANARY
 
     def canary_damage(self):
         before = self._body[: self._offset]
@@ -86,8 +90,7 @@ def after_launch(message):
     for a in list(_live):
         damage = a.canary_damage()
         if damage:
-            a._body[: a._offset] = _CANARY  # report it once
-            a._body[a._offset + a.nbytes :] = _CANARY
+            a.arm_canaries()  # report it once
             return damage
     return message
 
@@ -102,27 +105,25 @@ class MemoryPointer:
         return MemoryPointer(self.mem, self.ptr + int(offset))
 
 
-class Device(contextlib.AbstractContextManager):
+class _Synchronous(contextlib.AbstractContextManager):
+    """A context a launch runs in; everything here has finished when the launch returns."""
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        pass
+
+
+class Device(_Synchronous):
     def __init__(self, device=None):
         self.id = 0 if device is None else int(device)
         if self.id != 0:
             raise ValueError(f"the stand-in cupy has one device, 0, not {self.id}")
 
-    def __exit__(self, *exc):
-        return False
 
-    def synchronize(self):
-        pass
-
-
-class Stream(contextlib.AbstractContextManager):
+class Stream(_Synchronous):
     def __init__(self, null=False, non_blocking=False, ptds=False):
-        pass
-
-    def __exit__(self, *exc):
-        return False
-
-    def synchronize(self):
         pass
 
 
