@@ -8,6 +8,10 @@ The functional API (:func:`batch_norm`, :func:`batch_norm_backward`) follows
 ``torch.nn.functional.batch_norm``; :class:`BatchNorm` follows ``torch.nn.BatchNorm2d`` and loads
 its state dict. Arrays are dispatched to a backend by their type: NumPy arrays run on the Numba CPU
 kernels by default.
+
+The front is one module per operation (``accelbn._ops``) on a shared core (``accelbn._core``:
+argument checks, array libraries, strided views, the backend registry, the layer base class); the
+kernels are in ``accelbn.backends``; ``python -m accelbn`` is ``accelbn._cli``.
 """
 
 import os as _os
@@ -17,13 +21,12 @@ import os as _os
 # even after a non-editable install, let accelbn.backends resolve to that folder.
 _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if not _os.path.isdir(_os.path.join(__path__[0], "backends")) and _os.path.isfile(
-    _os.path.join(_checkout, "backends", "numba_cpu.py")
+    _os.path.join(_checkout, "backends", "formulas.py")
 ):
     __path__.append(_checkout)
 
-from accelbn._backends import available_backends  # noqa: E402
-from accelbn._functional import BatchStats, batch_norm, batch_norm_backward  # noqa: E402
-from accelbn._layer import BatchNorm  # noqa: E402
+from accelbn._core.registry import available_backends  # noqa: E402
+from accelbn._ops.batch_norm import BatchNorm, BatchStats, batch_norm, batch_norm_backward  # noqa: E402
 
 __version__ = "0.1.0"
 

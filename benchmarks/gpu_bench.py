@@ -17,7 +17,7 @@ import statistics
 import numpy as np
 
 import accelbn as abn
-from accelbn._bench import EPS, FULL_GRID, MOMENTUM, Case
+from accelbn._cli.grid import EPS, FULL_GRID, MOMENTUM, Case
 
 RESNET50_SHAPES = [(64, 64, 112, 112), (64, 256, 56, 56), (64, 512, 28, 28), (64, 1024, 14, 14), (64, 2048, 7, 7)]
 RESNET50_GRID = tuple(

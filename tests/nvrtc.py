@@ -11,6 +11,8 @@ import re
 import sysconfig
 from typing import NamedTuple
 
+import pytest
+
 # CUDA major version -> (library, include directory), relative to site-packages.
 _TOOLKITS = {
     12: ("nvidia/cuda_nvrtc/lib/libnvrtc.so.12", "nvidia/cuda_runtime/include"),
@@ -96,3 +98,19 @@ class Nvrtc:
         buffer = ctypes.create_string_buffer(size.value)
         self._check(self._lib.nvrtcGetProgramLog(program, buffer))
         return buffer.value.decode()
+
+
+# Where test_gpu_compile.py leaves the registers per thread of each kernel, for conftest's summary.
+REPORT_KEY = pytest.StashKey[list]()
+
+
+def registers_report(config):
+    """Lines for the terminal summary: registers per thread of each kernel and target."""
+    rows = config.stash.get(REPORT_KEY, [])
+    if not rows:
+        return []
+    width = max(len(expression) for _, expression, _ in rows)
+    lines = ["registers per thread of each CUDA kernel (no spills):"]
+    for target, expression, registers in rows:
+        lines.append(f"  {target:<20} {expression:<{width}} {registers:>4}")
+    return lines

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import accelbn
-from accelbn import _bench
+from accelbn._cli import bench as _bench
 from accelbn.__main__ import main
 
 QUICK_SHAPES = {("32x64x56x56", "NCHW"), ("32x56x56x64", "NHWC"), ("4096x256", "NC"), ("4x8x4x4", "NCHW")}
@@ -183,7 +183,7 @@ def test_bench_times_what_it_says(case):
     against the oracle, so that no column compares unlike work."""
     import oracle
     import torch
-    from conftest import rel_error
+    from support import rel_error
 
     a = _bench._Arrays(case, np.random.default_rng(2))
     axis, channels = a.case.axis, a.x.shape[a.channel_axis]

@@ -10,7 +10,7 @@ import numba
 import numpy as np
 import pytest
 
-from accelbn.backends import _numba_runtime, numba_cpu
+from accelbn.backends.numba_cpu import batch_norm, runtime, tiling
 
 NOTICE = "accelbn: compiling CPU kernels for float32, first use only"
 
@@ -41,12 +41,12 @@ def test_a_compiling_call_says_so_once_and_a_cached_one_is_silent(tmp_path):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_precompile_leaves_no_kernel_uncompiled(dtype):
     for serial in (True, False):
-        numba_cpu.precompile(np.dtype(dtype), serial)
+        batch_norm.precompile(np.dtype(dtype), serial)
     element = numba.from_dtype(np.dtype(dtype))
     missing = [
         kernel.py_func.__name__
-        for kernel in _numba_runtime._KERNELS
+        for kernel in runtime._KERNELS
         if not any(signature[0].dtype == element for signature in kernel.signatures)
     ]
     assert missing == []
-    assert numba_cpu.CACHED_SLICE_BYTES == 1 << 20 and _numba_runtime.SERIAL_MAX_ELEMENTS == 1 << 15  # restored
+    assert tiling.CACHED_SLICE_BYTES == 1 << 20 and runtime.SERIAL_MAX_ELEMENTS == 1 << 15  # restored

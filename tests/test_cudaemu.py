@@ -10,7 +10,7 @@ It runs without a GPU and is skipped only where a host compiler or the CUDA head
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import EMULATOR_MISSING, ArraysOn, channel_params, random_array, reference_backward, reference_forward, rel_error
+from support import EMULATOR_MISSING, ArraysOn, channel_params, random_array, reference_backward, reference_forward, rel_error
 
 import accelbn as abn
 
@@ -240,7 +240,7 @@ def test_every_kernel_instantiation_is_launched(cupy, tiny_blocks):
         for shape, axis in _FAMILIES:
             for training in (True, False):
                 _run(random_array(shape, seed=1).astype(dtype), axis, training)
-    expected = {name for names in tiny_blocks.compile_units().values() for name in names}
+    expected = {name for names in tiny_blocks.batch_norm.compile_units().values() for name in names}
     assert sorted(expected - runtime.launched) == []
 
 
@@ -263,7 +263,7 @@ def test_results_are_bitwise_identical_under_every_schedule(cupy, tiny_blocks, s
 
 # --- planted bugs -----------------------------------------------------------------------------------------
 
-# (name, text in batch_norm.cu, its replacement): each must make a test below fail.
+# (name, text in batch_norm.cu or common.cuh, its replacement): each must make a test below fail.
 MUTANTS = [
     ("block_reduce without its first barrier", "    if (lane == 0) scratch[warp] = value;\n    __syncthreads();",
      "    if (lane == 0) scratch[warp] = value;"),
@@ -281,18 +281,19 @@ MUTANTS = [
 ]
 
 
-def _mutant_outcome(cupy_gpu, monkeypatch, tmp_path, original, replacement):
+def _mutant_outcome(cuda, monkeypatch, tmp_path, original, replacement):
     """What the planted bug does to forward and backward on every loop family, under four schedules:
     an error, or results that differ from the reference (None when nothing notices)."""
     from cudaemu import KernelError, schedule
 
-    source = cupy_gpu.SOURCE.read_text()
-    assert source.count(original) == 1, "the mutation no longer matches batch_norm.cu"
-    mutated = tmp_path / "batch_norm.cu"
-    mutated.write_text(source.replace(original, replacement))
-    monkeypatch.setattr(cupy_gpu, "SOURCE", mutated)
-    monkeypatch.setattr(cupy_gpu, "BLOCK", 64)  # two warps, so that block_reduce's warps meet in shared memory
-    cupy_gpu._module.cache_clear()
+    sources = {path: path.read_text() for path in (cuda.batch_norm.SOURCE, cuda.launcher.HEADER)}
+    [(path, text)] = [(path, text) for path, text in sources.items() if original in text]
+    assert text.count(original) == 1, f"the mutation no longer matches {path.name}"
+    mutated = tmp_path / path.name
+    mutated.write_text(text.replace(original, replacement))
+    monkeypatch.setattr(*((cuda.batch_norm, "SOURCE") if path == cuda.batch_norm.SOURCE else (cuda.launcher, "HEADER")), mutated)
+    monkeypatch.setattr(cuda.launcher, "BLOCK", 64)  # two warps, so that block_reduce's warps meet in shared memory
+    cuda.launcher._module.cache_clear()
     try:
         for shape, axis in _FAMILIES:
             x = random_array(shape, seed=1, loc=1.0)
@@ -310,7 +311,7 @@ def _mutant_outcome(cupy_gpu, monkeypatch, tmp_path, original, replacement):
                     return f"{shape} axis {axis}, schedule {name}: relative error {error:.1e}"
         return None
     finally:
-        cupy_gpu._module.cache_clear()
+        cuda.launcher._module.cache_clear()
 
 
 @pytest.mark.parametrize("name, original, replacement", MUTANTS, ids=[m[0] for m in MUTANTS])

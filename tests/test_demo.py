@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GPU_DEVICE
+from support import GPU_DEVICE
 
-from accelbn._demo import data, experiments
-from accelbn._demo.cnn import CNN, BatchNormLayer, Conv3x3, Linear, softmax_cross_entropy
+from accelbn._cli.demo import data, experiments
+from accelbn._cli.demo.cnn import CNN, BatchNormLayer, Conv3x3, Linear, softmax_cross_entropy
 
 
 def _torch_loss(model, x, labels):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import accelbn as abn
+from accelbn._core import registry
 
 C = 3
 
@@ -138,7 +139,7 @@ def test_eval_reads_running_stats_that_share_memory():
 def test_backend_for_another_array_library():
     x = np.ones((4, C), np.float32)
     with pytest.raises(TypeError, match="backend 'numba' runs on numpy arrays, but x is a cupy array"):
-        abn._backends.kernels_for("numba", "cupy")
+        registry.kernels_for("numba", "cupy", "batch_norm")
     assert abn.batch_norm(x, None, None, training=True, backend="numpy").shape == x.shape
 
 
@@ -149,10 +150,10 @@ def test_cupy_without_a_device_says_so(monkeypatch):
         raise cupy.cuda.runtime.CUDARuntimeError(35)  # cudaErrorInsufficientDriver
 
     monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", no_driver)
-    monkeypatch.setattr(abn._backends._GpuBackend, "_device_seen", False)
-    monkeypatch.setattr(abn._backends, "_RESOLVED", {})
+    monkeypatch.setattr(registry._GpuBackend, "_device_seen", False)
+    monkeypatch.setattr(registry, "_RESOLVED", {})
     with pytest.raises(ValueError, match=r"backend 'cupy' is not available: CuPy sees no CUDA device \(CUDARuntimeError"):
-        abn._backends.kernels_for(None, "cupy")
+        registry.kernels_for(None, "cupy", "batch_norm")
     assert "cupy" not in abn.available_backends()
 
 
@@ -163,7 +164,7 @@ def test_layer_to_cupy_without_a_device_raises_what_backend_cupy_raises(monkeypa
         raise cupy.cuda.runtime.CUDARuntimeError(35)
 
     monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", no_driver)
-    monkeypatch.setattr(abn._backends._GpuBackend, "_device_seen", False)
+    monkeypatch.setattr(registry._GpuBackend, "_device_seen", False)
     layer = abn.BatchNorm(4)
     weight = layer.weight
     with pytest.raises(ValueError, match=r"backend 'cupy' is not available: CuPy sees no CUDA device \(CUDARuntimeError"):
@@ -172,14 +173,14 @@ def test_layer_to_cupy_without_a_device_raises_what_backend_cupy_raises(monkeypa
 
 
 def test_layer_to_cupy_without_cupy_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(abn._backends._BACKENDS["cupy"], "requires", "cupy_that_is_not_installed")
+    monkeypatch.setattr(registry._BACKENDS["cupy"], "requires", "cupy_that_is_not_installed")
     with pytest.raises(ValueError, match=r"backend 'cupy' is not available: install it with `pip install cupy-cuda13x\[ctk\]`"):
         abn.BatchNorm(4).to("cupy")
 
 
 def test_missing_backend_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(abn._backends.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(abn._backends, "_RESOLVED", {})  # as in a process that never ran a backend
+    monkeypatch.setattr(registry.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(registry, "_RESOLVED", {})  # as in a process that never ran a backend
     with pytest.raises(ValueError, match="backend 'numba' is not available: install it with `pip install numba`"):
         abn.batch_norm(np.ones((4, C), np.float32), None, None, training=True)
     assert abn.available_backends() == ["numpy"]

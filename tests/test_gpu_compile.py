@@ -3,31 +3,29 @@ oldest and newest architectures we support, without spilling registers to local 
 
 import numpy as np
 import pytest
-from nvrtc import Nvrtc
+from nvrtc import REPORT_KEY, Nvrtc
 
-from accelbn.backends import cupy_gpu
+from accelbn.backends.cuda import batch_norm, launcher
 
 # (CUDA major version of the NVRTC used, target architecture). CUDA 13 dropped sm_70, so Volta is
 # compiled with CUDA 12's NVRTC, the last that targets it.
 TARGETS = [(12, 70), (12, 80), (13, 80), (13, 90)]
-
-REPORT_KEY = pytest.StashKey[list]()
 
 
 def test_compile_units_cover_every_storage_dtype():
     import ml_dtypes
 
     expected = {np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)}
-    assert set(cupy_gpu.compile_units()) == expected
+    assert set(batch_norm.compile_units()) == expected
 
 
 @pytest.mark.parametrize(("cuda_major", "arch"), TARGETS, ids=[f"cuda{m}-sm_{a}" for m, a in TARGETS])
 def test_every_kernel_compiles_without_spills(cuda_major, arch, request):
     nvrtc = Nvrtc(cuda_major)
-    source = cupy_gpu.SOURCE.read_text()
+    source = launcher.source(batch_norm.SOURCE)
     report = request.config.stash.setdefault(REPORT_KEY, [])
-    for dtype, expressions in cupy_gpu.compile_units().items():
-        lowered, resources = nvrtc.compile(source, expressions, cupy_gpu.OPTIONS, arch)
+    for dtype, expressions in batch_norm.compile_units().items():
+        lowered, resources = nvrtc.compile(source, expressions, launcher.OPTIONS, arch)
         for expression in expressions:
             kernel = resources[lowered[expression]]  # ptxas compiled it for this architecture
             report.append((f"sm_{arch} (NVRTC {nvrtc.version[0]}.{nvrtc.version[1]})", expression, kernel.registers))
@@ -35,15 +33,3 @@ def test_every_kernel_compiles_without_spills(cuda_major, arch, request):
                 f"{expression} spills on sm_{arch}: {kernel}"
             )
             assert kernel.stack_bytes == 0, f"{expression} uses local memory on sm_{arch}: {kernel}"
-
-
-def registers_report(config):
-    """Lines for the terminal summary: registers per thread of each kernel and target."""
-    rows = config.stash.get(REPORT_KEY, [])
-    if not rows:
-        return []
-    width = max(len(expression) for _, expression, _ in rows)
-    lines = ["registers per thread of each CUDA kernel (no spills):"]
-    for target, expression, registers in rows:
-        lines.append(f"  {target:<20} {expression:<{width}} {registers:>4}")
-    return lines

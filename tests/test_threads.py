@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import accelbn as abn
-from accelbn.backends import _numba_runtime
+from accelbn.backends.numba_cpu import runtime
 
 # Seconds a child process may take before the test fails (a hang becomes a failure, not a stall).
 CHILD_TIMEOUT = 300
@@ -52,7 +52,7 @@ def test_tbb_threading_layer_is_pinned():
     # tbb is a dependency on this platform; no other layer is both thread- and fork-safe.
     _work(0)
     assert numba.threading_layer() == "tbb"
-    assert _numba_runtime.NOT_TBB_REASON is None
+    assert runtime.NOT_TBB_REASON is None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
@@ -61,10 +61,10 @@ def test_tbb_is_the_wheels_copy_whatever_the_loader_finds():
     # system TBB would hide a failure to load the wheel's copy. The copy mapped must be the wheel's.
     code = """
         import numpy as np, accelbn as abn
-        from accelbn.backends import _numba_runtime
+        from accelbn.backends.numba_cpu import runtime
         abn.batch_norm(np.ones((512, 64, 2), np.float32), None, None, training=True)  # parallel kernels
         maps = open("/proc/self/maps").read().split()
-        print(_numba_runtime._tbb_wheel_library())
+        print(runtime._tbb_wheel_library())
         print(sorted({p for p in maps if "libtbb.so" in p}))
     """
     wheel, mapped = _run(code).splitlines()
@@ -97,13 +97,13 @@ _FORKING_PARENT = """
     if {hide_tbb}:
         sys.modules["numba.np.ufunc.tbbpool"] = None  # as on a machine where no TBB loads
     sys.path.insert(0, {tests!r})
-    from accelbn.backends import _numba_runtime
+    from accelbn.backends.numba_cpu import runtime
     from test_threads import _pool_digests, _serial
     seeds = [0, 1, 2, 3]
     expected = _serial(seeds)  # the parent runs every kernel family, in parallel, before forking
     assert _pool_digests("fork", seeds) == expected
-    print(_numba_runtime.threading_layer())
-    print(_numba_runtime.NOT_TBB_REASON)
+    print(runtime.threading_layer())
+    print(runtime.NOT_TBB_REASON)
 """
 
 
@@ -127,8 +127,8 @@ def test_info_says_why_the_layer_is_not_tbb():
     code = """
         import sys
         sys.modules["numba.np.ufunc.tbbpool"] = None
-        from accelbn import _info
-        _info.print_info()
+        from accelbn._cli import info
+        info.print_info()
     """
     lines = dict(line.split(": ", 1) for line in _run(code).splitlines())
     assert lines["numba threading layer"].startswith("omp (not tbb: Numba's TBB layer did not load (")
@@ -180,10 +180,10 @@ def test_workqueue_layer_is_serialized_not_aborted():
 def test_accelbn_num_threads_is_honoured_and_restored():
     code = """
         import numba, numpy as np, accelbn as abn
-        from accelbn.backends import _numba_runtime
+        from accelbn.backends.numba_cpu import runtime
         abn.batch_norm(np.ones((4, 3), np.float32), None, None, training=True)
-        large = np.empty(_numba_runtime.SERIAL_MAX_ELEMENTS + 1)  # small inputs run serial kernels: no threads to set
-        seen = _numba_runtime.parallel_entry(lambda x: numba.get_num_threads())(large)
+        large = np.empty(runtime.SERIAL_MAX_ELEMENTS + 1)  # small inputs run serial kernels: no threads to set
+        seen = runtime.entry(lambda kernels, x: numba.get_num_threads())(large)
         print(seen, numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS)
     """
     assert _run(code, ACCELBN_NUM_THREADS="1").split() == ["1", "True"]
@@ -193,8 +193,8 @@ def test_accelbn_num_threads_is_honoured_and_restored():
 def test_numba_set_num_threads_is_honoured():
     numba.set_num_threads(1)
     try:
-        large = np.empty(_numba_runtime.SERIAL_MAX_ELEMENTS + 1)
-        assert _numba_runtime.parallel_entry(lambda x: numba.get_num_threads())(large) == 1
+        large = np.empty(runtime.SERIAL_MAX_ELEMENTS + 1)
+        assert runtime.entry(lambda kernels, x: numba.get_num_threads())(large) == 1
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 

@@ -381,7 +381,7 @@ class RawModule:
         if code is None:
             with open(path) as f:
                 code = f.read()
-        self._module = runtime.Module(code, name_expressions or (), options, "batch_norm.cu" if path is None else path)
+        self._module = runtime.Module(code, name_expressions or (), options, "kernel.cu" if path is None else path)
 
     def get_function(self, name):
         return self._module.get_function(name)

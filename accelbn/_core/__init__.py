@@ -1,0 +1,1 @@
+"""The core the operations share: array libraries, argument checks, strided views, the backend registry and the layer base class."""

@@ -1,0 +1,182 @@
+"""Batch normalization on the Numba CPU backend: the entry points the front calls, on its canonical
+view ``(outer, C, inner)`` with per-channel float64 vectors. Each picks a loop family and a path for
+the shape and runs its kernels, serial or parallel as :func:`.runtime.entry` decides once per call:
+
+* channels-first (``inner`` > 1) with rows of ``SHORT_ROW`` elements or more:
+  :mod:`.batch_norm_channels_first`; with shorter rows (7x7 images), in blocks of channels:
+  :mod:`.batch_norm_short_rows`. Statistics and the element pass are fused per channel (or block)
+  when there are channels enough for the threads and a slice stays in cache; otherwise the
+  statistics and the element passes each run in parallel over fixed chunks.
+* channels-last (``inner`` == 1: NHWC and (N, C)): :mod:`.batch_norm_channels_last`.
+
+Statistics are computed per chunk with a shifted two-pass and merged with Chan's formula in chunk
+order; chunks and blocks depend only on the shape, so results are bitwise identical run to run and
+for any number of threads. Outputs of ``STREAM_MIN_BYTES`` or more are written with streaming
+stores. The kernels never validate and never touch running statistics.
+"""
+
+import numba
+import numpy as np
+
+# The loop files register their kernels with the runtime, as attributes of the kernel twins.
+from accelbn.backends.numba_cpu import batch_norm_channels_first, batch_norm_channels_last, batch_norm_short_rows  # noqa: F401
+from accelbn.backends.numba_cpu import runtime, tiling
+from accelbn.backends.numba_cpu.reductions import merge_moments, sum_parts
+from accelbn.backends.numba_cpu.scalars import backward_coefficients, channel_scale, gradient_factors
+from accelbn.backends.numba_cpu.tiling import (
+    SHORT_ROW,
+    Target,
+    by_channel,
+    channel_block,
+    chunking,
+    contiguous,
+    dense,
+    planes,
+    row_groups,
+    segment_tasks,
+    short_rows,
+    streams,
+)
+
+# The dtypes the kernels read and write directly (Numba has no float16 on the CPU); the front
+# converts anything else to float32.
+STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+@runtime.entry
+def forward_train(kernels, x, weight, bias, eps, y):
+    """Normalize ``x`` with its own statistics into ``y``; return the per-channel mean and biased var."""
+    outer, channels, inner = x.shape
+    threads = kernels.threads()
+    mean = np.empty(channels)
+    var = np.empty(channels)
+    if inner > 1 and by_channel(x, threads):
+        target = Target(y)
+        x, stream = dense(x), streams(y)
+        if short_rows(x):
+            block = channel_block(x, True, threads)
+            kernels.forward_train_by_block(planes(x), inner, block, weight, bias, float(eps), target.planes(), mean, var, stream)
+        else:
+            kernels.forward_train_by_channel(x, weight, bias, float(eps), target.array, mean, var, stream)
+        target.finish()
+        return mean, var
+    if inner == 1:
+        target = Target(y)
+        stream = streams(y)
+        kernels.forward_train_channels_last(contiguous(x), weight, bias, float(eps), target.array, mean, var, stream)
+        target.finish()
+        return mean, var
+    x = dense(x)
+    chunks = chunking(outer, inner)[2]
+    count = np.empty(chunks)
+    part_mean = np.empty((chunks, channels))
+    part_m2 = np.empty((chunks, channels))
+    if short_rows(x):
+        kernels.block_moments_all(planes(x), inner, channel_block(x, False, threads), count, part_mean, part_m2)
+    else:
+        kernels.chunk_moments_all(x, count, part_mean, part_m2)
+    merge_moments(count, part_mean, part_m2, mean, var)
+    _normalize(kernels, threads, x, mean, channel_scale(var, weight, float(eps)), bias, y)
+    return mean, var
+
+
+def _normalize(kernels, threads, x, mean, scale, shift, y):
+    inner = x.shape[2]
+    target = Target(y)
+    stream = streams(y)
+    if inner == 1:
+        kernels.normalize_channels_last(contiguous(x), mean, scale, shift, target.array, stream)
+    else:
+        x = dense(x)
+        if short_rows(x):
+            block = channel_block(x, False, threads)
+            kernels.normalize_blocks(planes(x), inner, block, row_groups(x, block, threads), mean, scale, shift, target.planes(), stream)
+        else:
+            kernels.normalize_channels_first(x, mean, scale, shift, target.array, segment_tasks(x, threads), stream)
+    target.finish()
+
+
+@runtime.entry
+def normalize(kernels, x, mean, var, weight, bias, eps, y):
+    """y = (x - mean) * weight / sqrt(var + eps) + bias per channel: the eval forward."""
+    _normalize(kernels, kernels.threads(), x, mean, channel_scale(var, weight, float(eps)), bias, y)
+
+
+@runtime.entry
+def backward(kernels, dy, x, mean, invstd, weight, training, dx):
+    """Write dx; return the per-channel sums of dy and of dy * (x - mean)."""
+    outer, channels, inner = x.shape
+    threads = kernels.threads()
+    sum_dy = np.empty(channels)
+    sum_dy_xmu = np.empty(channels)
+    stream, training = streams(dx), bool(training)
+    if inner == 1:
+        target = Target(dx)
+        kernels.backward_channels_last(
+            contiguous(dy), contiguous(x), mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, stream
+        )
+        target.finish()
+        return sum_dy, sum_dy_xmu
+    dy, x = dense(dy), dense(x)
+    if by_channel(x, threads):
+        target = Target(dx)
+        if short_rows(x):
+            block = channel_block(x, True, threads)
+            kernels.backward_by_block(
+                planes(dy), planes(x), inner, block, mean, invstd, weight, training, target.planes(), sum_dy, sum_dy_xmu, stream
+            )
+        else:
+            kernels.backward_by_channel(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, stream)
+        target.finish()
+        return sum_dy, sum_dy_xmu
+    chunks = chunking(outer, inner)[2]
+    part_dy = np.empty((chunks, channels))
+    part_dy_xmu = np.empty((chunks, channels))
+    if short_rows(x):
+        block = channel_block(x, False, threads)
+        kernels.block_gradient_sums_all(planes(dy), planes(x), inner, block, mean, part_dy, part_dy_xmu)
+    else:
+        kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu)
+    sum_parts(part_dy, sum_dy)
+    sum_parts(part_dy_xmu, sum_dy_xmu)
+    if not training:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+        zeros = np.zeros(channels)
+        _normalize(kernels, threads, dy, zeros, weight * invstd, zeros, dx)
+        return sum_dy, sum_dy_xmu
+    factors = gradient_factors(*backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, outer * inner))
+    params = np.array((mean, *factors))  # the gradient computes in float64
+    target = Target(dx)
+    if short_rows(x):
+        block = channel_block(x, False, threads)
+        kernels.gradient_blocks(planes(dy), planes(x), inner, block, row_groups(x, block, threads), params, target.planes(), stream)
+    else:
+        kernels.gradient_channels_first(dy, x, params, target.array, segment_tasks(x, threads), stream)
+    target.finish()
+    return sum_dy, sum_dy_xmu
+
+
+def precompile(dtype, serial):
+    """Compile, or load from Numba's cache, every kernel that the entry points can call on C-ordered
+    ``dtype`` arrays: each layout family (long rows, short rows, channels-last), each path (fused
+    per channel or block, and chunked), train, eval and both backwards, with the serial or the
+    parallel kernels. Views in other memory orders compile their own variants on first use.
+
+    The path thresholds are changed for the length of the call, so it is for a process of its own
+    (``python -m accelbn compile``), not one that is running accelbn meanwhile."""
+    saved_slice, saved_serial = tiling.CACHED_SLICE_BYTES, runtime.SERIAL_MAX_ELEMENTS
+    runtime.SERIAL_MAX_ELEMENTS = (1 << 62) if serial else 0
+    channels = 4 * numba.get_num_threads()  # enough for the fused paths
+    weight, zero = np.ones(channels), np.zeros(channels)
+    try:
+        for cached_slice in (saved_slice, 0):  # fused where slices fit, then chunked
+            tiling.CACHED_SLICE_BYTES = cached_slice
+            for inner in (SHORT_ROW, SHORT_ROW - 1, 1):
+                x = np.ones((2, channels, inner), dtype)
+                x[1] = 2.0
+                out = np.empty_like(x)
+                mean, var = forward_train(x, weight, zero, 1e-5, out)
+                normalize(x, mean, var, weight, zero, 1e-5, out)
+                for training in (True, False):
+                    backward(x, x, mean, weight, weight, training, out)
+    finally:
+        tiling.CACHED_SLICE_BYTES, runtime.SERIAL_MAX_ELEMENTS = saved_slice, saved_serial

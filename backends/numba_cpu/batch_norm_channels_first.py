@@ -1,0 +1,144 @@
+"""Batch norm's channels-first loops (``inner`` > 1: NCHW, NCL, NCDHW) on rows of at least
+``SHORT_ROW`` elements. Each channel's data is cut into statistics chunks (a few whole rows, or one
+segment of a long row). With channels enough to share among the threads and a channel's slice
+small enough to stay in L2, one task does one channel: statistics, then the element pass over the
+same slice while it is still in cache, so a train forward reads x from memory once. Otherwise chunk
+statistics and the element passes each run in parallel over all chunks or row segments."""
+
+import numpy as np
+from numba import njit, prange
+
+from accelbn.backends.numba_cpu.elements import affine_params, write_affine, write_gradient
+from accelbn.backends.numba_cpu.lines import store_fence, unit_stride
+from accelbn.backends.numba_cpu.reductions import chan_merge, gradient_sums, sum_shifted, sum_squared_deviations
+from accelbn.backends.numba_cpu.runtime import NESTED, kernel
+from accelbn.backends.numba_cpu.scalars import as_element, backward_coefficients, gradient_factors, inverse_std, split_mean
+from accelbn.backends.numba_cpu.tiling import PREFETCH_CHUNK_BYTES, STATS_CHUNK, chunk_bounds, chunking, prefetch_chunk, segment, task_segments
+
+
+@njit(**NESTED)
+def _chunk_moments(x, c, k, rows, segments):
+    """(count, mean, sum of squared deviations) of chunk k of channel c, by a shifted two-pass."""
+    r0, r1, i0, i1 = chunk_bounds(x, k, rows, segments)
+    shift = np.float64(x[r0, c, i0])
+    s = 0.0
+    for r in range(r0, r1):
+        s += sum_shifted(unit_stride(x[r, c, i0:i1]), shift)
+    n = np.float64((r1 - r0) * (i1 - i0))
+    mean = shift + s / n
+    q = 0.0
+    for r in range(r0, r1):
+        q += sum_squared_deviations(unit_stride(x[r, c, i0:i1]), mean)
+    return n, mean, q
+
+
+@njit(**NESTED)
+def _chunk_gradient_sums(dy, x, c, mean, k, rows, segments):
+    r0, r1, i0, i1 = chunk_bounds(x, k, rows, segments)
+    a, b = 0.0, 0.0
+    for r in range(r0, r1):
+        ra, rb = gradient_sums(unit_stride(dy[r, c, i0:i1]), unit_stride(x[r, c, i0:i1]), mean)
+        a += ra
+        b += rb
+    return a, b
+
+
+# The fused kernels (one task per channel or block of channels) write their element pass from the
+# last row to the first: their sums pass has just read the rows first to last, so the rows it read
+# last are the ones still in cache. The order of the writes changes no bits. (benchmarks/RESULTS.md
+# has the measurements, and why the two passes are not overlapped across channels.)
+
+
+@kernel
+def _forward_train_by_channel(x, weight, bias, eps, y, mean, var, stream):
+    outer, channels, inner = x.shape
+    rows, segments, chunks = chunking(outer, inner)
+    for c in prange(channels):
+        n, m, m2 = 0.0, 0.0, 0.0
+        for k in range(chunks):
+            n_k, m_k, q_k = _chunk_moments(x, c, k, rows, segments)
+            n, m, m2 = chan_merge(n, m, m2, n_k, m_k, q_k)
+        mean[c] = m
+        var[c] = m2 / n
+        hi, lo = split_mean(y, m)
+        params = (hi, lo, as_element(y, weight[c] * inverse_std(var[c], eps)), as_element(y, bias[c]))
+        for r in range(outer - 1, -1, -1):
+            write_affine(x[r, c], 0, inner, params, 1, y[r, c], stream)
+        if stream:
+            store_fence()
+
+
+@kernel
+def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream):
+    outer, channels, inner = x.shape
+    rows, segments, chunks = chunking(outer, inner)
+    prefetching = 2 * rows * min(inner, STATS_CHUNK) * x.itemsize <= PREFETCH_CHUNK_BYTES
+    for c in prange(channels):
+        a, b = 0.0, 0.0
+        for k in range(chunks):
+            if prefetching:
+                prefetch_chunk(dy, c, k + 1, rows, segments)
+                prefetch_chunk(x, c, k + 1, rows, segments)
+            a_k, b_k = _chunk_gradient_sums(dy, x, c, mean[c], k, rows, segments)
+            a += a_k
+            b += b_k
+        sum_dy[c] = a
+        sum_dy_xmu[c] = b
+        if training:
+            mean_dy, k_c, scale = backward_coefficients(a, b, invstd[c], weight[c], np.float64(outer * inner))
+            fa, fb, fc = gradient_factors(mean_dy, k_c, scale)
+            params = (mean[c], fa, fb, fc)
+            for r in range(outer - 1, -1, -1):
+                write_gradient(dy[r, c], x[r, c], 0, inner, params, 1, dx[r, c], stream)
+        else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+            zero = as_element(dx, 0.0)
+            frozen = (zero, zero, as_element(dx, weight[c] * invstd[c]), zero)
+            for r in range(outer - 1, -1, -1):
+                write_affine(dy[r, c], 0, inner, frozen, 1, dx[r, c], stream)
+        if stream:
+            store_fence()
+
+
+@kernel
+def _chunk_moments_all(x, count, part_mean, part_m2):
+    """Moments of every chunk of every channel, into (chunks, C) arrays."""
+    outer, channels, inner = x.shape
+    rows, segments, chunks = chunking(outer, inner)
+    for j in prange(chunks * channels):
+        k = j // channels
+        c = j - k * channels
+        count[k], part_mean[k, c], part_m2[k, c] = _chunk_moments(x, c, k, rows, segments)
+
+
+@kernel
+def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu):
+    outer, channels, inner = x.shape
+    rows, segments, chunks = chunking(outer, inner)
+    for j in prange(chunks * channels):
+        k = j // channels
+        c = j - k * channels
+        part_dy[k, c], part_dy_xmu[k, c] = _chunk_gradient_sums(dy, x, c, mean[c], k, rows, segments)
+
+
+@kernel
+def _normalize_channels_first(x, mean, scale, shift, y, tasks, stream):
+    """y = (x - mean) * scale + shift over the row segments."""
+    params = affine_params(y, mean, scale, shift)
+    for t in prange(tasks):
+        for u in task_segments(x, t, tasks):
+            r, c, f0, f1 = segment(x, u)
+            p = (params[0][c], params[1][c], params[2][c], params[3][c])
+            write_affine(x[r, c], f0, f1, p, 1, y[r, c], stream)
+        if stream:
+            store_fence()
+
+
+@kernel
+def _gradient_channels_first(dy, x, params, dx, tasks, stream):
+    for t in prange(tasks):
+        for u in task_segments(x, t, tasks):
+            r, c, f0, f1 = segment(x, u)
+            p = (params[0][c], params[1][c], params[2][c], params[3][c])
+            write_gradient(dy[r, c], x[r, c], f0, f1, p, 1, dx[r, c], stream)
+        if stream:
+            store_fence()

@@ -1,0 +1,153 @@
+"""Batch norm's channels-last loops (``inner`` == 1: NHWC and (N, C)): the C-contiguous (rows, C)
+array in fixed blocks of rows, each producing per-channel partials that are merged in block order.
+
+The entry points are one kernel call each, statistics, merge and element pass together: at a few
+thousand elements, each further call from Python costs as much as the work. They take the canonical
+(rows, C, 1) arrays, C-contiguous, and view them as (rows, C) or flat.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from accelbn.backends.numba_cpu.elements import affine_tables, line_tables, write_affine, write_gradient
+from accelbn.backends.numba_cpu.lines import store_fence
+from accelbn.backends.numba_cpu.reductions import gradient_columns, merge_moments, shifted_columns, squared_deviation_columns, sum_parts
+from accelbn.backends.numba_cpu.runtime import NESTED, OPTIONS, kernel
+from accelbn.backends.numba_cpu.scalars import all_finite, backward_coefficients, channel_scale, fill_zero, gradient_factors, split_mean
+from accelbn.backends.numba_cpu.tiling import STREAM_ROW_RUN, rows_per_block
+
+
+# A block sums its columns ROW_RUN rows at a time in the element dtype, each run then added into the
+# float64 partials: SUM_RUN's trade for rows, with the same float64 redo when a float32 run overflows.
+# Shorter runs than SUM_RUN, as a column adds its rows one after another, not across vector lanes.
+ROW_RUN = 16
+
+
+@njit(**OPTIONS)
+def _columns_shifted(x, r0, r1, shift, run, total):
+    """total[c] = sum of x[r, c] - shift[c] over rows [r0, r1), in runs accumulated in run's dtype."""
+    fill_zero(total)
+    for q in range(r0, r1, ROW_RUN):
+        fill_zero(run)
+        shifted_columns((run,), (x,), 0, q, min(q + ROW_RUN, r1), x.shape[1], (shift,))
+        for c in range(x.shape[1]):
+            total[c] += np.float64(run[c])
+
+
+@njit(**OPTIONS)
+def _columns_squared_deviations(x, r0, r1, mean_hi, mean_lo, run, total):
+    fill_zero(total)
+    for q in range(r0, r1, ROW_RUN):
+        fill_zero(run)
+        squared_deviation_columns((run,), (x,), 0, q, min(q + ROW_RUN, r1), x.shape[1], (mean_hi, mean_lo))
+        for c in range(x.shape[1]):
+            total[c] += np.float64(run[c])
+
+
+@njit(**NESTED)
+def _row_block_moments(x, r0, r1, mean, m2):
+    """Moments of rows [r0, r1) of the (rows, C) x into mean and m2: shifted by the block's first
+    row, then squared deviations from the block's mean, each in ROW_RUN runs."""
+    # The second pass reads the block from L2; one pass with a two-pass redo where m2 cancels was no
+    # faster (benchmarks/RESULTS.md).
+    channels = x.shape[1]
+    shift = x[r0].copy()
+    run = np.empty(channels, x.dtype)
+    _columns_shifted(x, r0, r1, shift, run, mean)
+    if not all_finite(mean):
+        _columns_shifted(x, r0, r1, shift.astype(np.float64), np.empty(channels), mean)
+    hi = np.empty(channels, x.dtype)
+    lo = np.empty(channels, x.dtype)
+    for c in range(channels):
+        mean[c] = np.float64(shift[c]) + mean[c] / (r1 - r0)
+        hi[c], lo[c] = split_mean(x, mean[c])
+    _columns_squared_deviations(x, r0, r1, hi, lo, run, m2)
+    if not all_finite(m2):
+        _columns_squared_deviations(x, r0, r1, mean, np.zeros(channels), np.empty(channels), m2)
+
+
+@njit(**OPTIONS)
+def _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu):
+    """Sums of dy and dy * (x - mean) over rows [r0, r1) of the (rows, C) dy and x, in float64
+    throughout, as :func:`gradient_sums`; STREAM_ROW_RUN rows at a time, each over all columns."""
+    fill_zero(sum_dy)
+    fill_zero(sum_dy_xmu)
+    for q in range(r0, r1, STREAM_ROW_RUN):
+        gradient_columns((sum_dy, sum_dy_xmu), (dy, x), 0, q, min(q + STREAM_ROW_RUN, r1), x.shape[1], (mean,))
+
+
+@kernel
+def _forward_train_channels_last(x3, weight, bias, eps, y3, mean, var, stream):
+    rows, channels, _ = x3.shape
+    x = x3.reshape(rows, channels)
+    y = y3.reshape(-1)
+    block_rows = rows_per_block(channels)
+    blocks = (rows + block_rows - 1) // block_rows
+    count = np.empty(blocks)
+    part_mean = np.empty((blocks, channels))
+    part_m2 = np.empty((blocks, channels))
+    for b in prange(blocks):
+        r0 = b * block_rows
+        r1 = min(r0 + block_rows, rows)
+        count[b] = r1 - r0
+        _row_block_moments(x, r0, r1, part_mean[b], part_m2[b])
+    merge_moments(count, part_mean, part_m2, mean, var)
+    tables = affine_tables(y, mean, channel_scale(var, weight, eps), bias)
+    flat = x.reshape(-1)
+    block = block_rows * channels
+    for b in prange(blocks):
+        write_affine(flat, b * block, min(b * block + block, flat.shape[0]), tables, channels, y, stream)
+        if stream:
+            store_fence()
+
+
+@kernel
+def _normalize_channels_last(x3, mean, scale, shift, y3, stream):
+    channels = mean.shape[0]
+    block_rows = rows_per_block(channels)
+    y = y3.reshape(-1)
+    tables = affine_tables(y, mean, scale, shift)
+    flat = x3.reshape(-1)
+    block = block_rows * channels
+    for b in prange((flat.shape[0] + block - 1) // block):
+        write_affine(flat, b * block, min(b * block + block, flat.shape[0]), tables, channels, y, stream)
+        if stream:
+            store_fence()
+
+
+@kernel
+def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy, sum_dy_xmu, stream):
+    rows, channels, _ = x3.shape
+    dy = dy3.reshape(rows, channels)
+    x = x3.reshape(rows, channels)
+    dx = dx3.reshape(-1)
+    block_rows = rows_per_block(channels)
+    blocks = (rows + block_rows - 1) // block_rows
+    part_dy = np.empty((blocks, channels))
+    part_dy_xmu = np.empty((blocks, channels))
+    for b in prange(blocks):
+        r0 = b * block_rows
+        _row_block_gradient_sums(dy, x, mean, r0, min(r0 + block_rows, rows), part_dy[b], part_dy_xmu[b])
+    sum_parts(part_dy, sum_dy)
+    sum_parts(part_dy_xmu, sum_dy_xmu)
+    flat_dy = dy.reshape(-1)
+    block = block_rows * channels
+    if training:
+        params = np.empty((4, channels))  # the gradient computes in float64
+        for c in range(channels):
+            mean_dy, k, scale = backward_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], weight[c], np.float64(rows))
+            params[0, c] = mean[c]
+            params[1, c], params[2, c], params[3, c] = gradient_factors(mean_dy, k, scale)
+        tables = line_tables(params, dx)
+        flat_x = x.reshape(-1)
+        for b in prange(blocks):
+            write_gradient(flat_dy, flat_x, b * block, min(b * block + block, flat_dy.shape[0]), tables, channels, dx, stream)
+            if stream:
+                store_fence()
+    else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+        zeros = np.zeros(channels)
+        tables = affine_tables(dx, zeros, weight * invstd, zeros)
+        for b in prange(blocks):
+            write_affine(flat_dy, b * block, min(b * block + block, flat_dy.shape[0]), tables, channels, dx, stream)
+            if stream:
+                store_fence()

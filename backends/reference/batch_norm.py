@@ -1,0 +1,53 @@
+"""The NumPy backend: batch normalization written for clarity, in float64.
+
+It follows the same interface as the fast backends, on the canonical view ``(outer, C, inner)``, but
+makes no attempt at speed. It is tested like them, against the tests' oracle (tests/oracle.py),
+which shares no code with accelbn.
+"""
+
+import numpy as np
+
+from accelbn.backends.formulas import backward_coefficients, inverse_std
+
+# The dtypes the kernels read and write directly; the front converts anything else to float32.
+STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_CHANNEL_SUM_AXES = (0, 2)
+
+
+def _per_channel(v):
+    """Broadcast a per-channel vector against (outer, C, inner)."""
+    return np.asarray(v, dtype=np.float64)[None, :, None]
+
+
+def _channel_mean(x64):
+    # Shifting by one sample per channel makes a constant channel's mean exact.
+    shift = x64[:1, :, :1]
+    return (shift + (x64 - shift).mean(axis=_CHANNEL_SUM_AXES, keepdims=True))[0, :, 0]
+
+
+def forward_train(x, weight, bias, eps, y):
+    x64 = x.astype(np.float64)
+    mean = _channel_mean(x64)
+    xmu = x64 - _per_channel(mean)
+    var = (xmu * xmu).mean(axis=_CHANNEL_SUM_AXES)
+    y[...] = xmu * _per_channel(weight * inverse_std(var, eps)) + _per_channel(bias)
+    return mean, var
+
+
+def normalize(x, mean, var, weight, bias, eps, y):
+    scale = weight * inverse_std(var, eps)
+    y[...] = (x.astype(np.float64) - _per_channel(mean)) * _per_channel(scale) + _per_channel(bias)
+
+
+def backward(dy, x, mean, invstd, weight, training, dx):
+    dy64 = dy.astype(np.float64)
+    xmu = x.astype(np.float64) - _per_channel(mean)
+    sum_dy = dy64.sum(axis=_CHANNEL_SUM_AXES)
+    sum_dy_xmu = (dy64 * xmu).sum(axis=_CHANNEL_SUM_AXES)
+    if training:
+        mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, x.shape[0] * x.shape[2])
+        dx[...] = (dy64 - _per_channel(mean_dy) - xmu * _per_channel(k)) * _per_channel(scale)
+    else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+        dx[...] = dy64 * _per_channel(weight * invstd)
+    return sum_dy, sum_dy_xmu
