@@ -10,7 +10,7 @@ import sys
 import numba
 import numpy as np
 import pytest
-from support import DETERMINISM, random_array, reference_backward, reference_forward, rel_error
+from support import random_array, reference_backward, reference_forward, rel_error
 
 import accelbn as abn
 

@@ -66,7 +66,7 @@ class _Recorder:
 
         class Proxy:
             serial = namespace.serial
-            threads = namespace.threads
+            tasks = namespace.tasks
 
             def __getattr__(self, name):
                 kernel = getattr(namespace, name)

@@ -2,9 +2,10 @@
 eval modes, ``layer(x)`` then ``layer.backward(dy)`` with the gradients of the parameters stored on
 the layer, ``to("numpy" | "cupy")``, and ``state_dict`` / ``load_state_dict`` under torch's keys.
 
-A subclass names its state (:meth:`Layer._state_names`: parameters and buffers that exist, under
-torch's keys; integer counters listed in ``_COUNTERS``) and implements ``forward`` (saving what its
-backward needs with :meth:`Layer._save`) and ``_backward``.
+A subclass names its float arrays (``_ARRAYS``: parameters and running statistics, each None when
+the layer has none) and its state (:meth:`Layer._state_names`: what exists, under torch's keys, with
+integer counters listed in ``_COUNTERS``), and implements ``forward`` (saving what its backward
+needs with :meth:`Layer._save`) and ``_backward``.
 """
 
 import numpy as np
@@ -16,6 +17,7 @@ _LIBRARIES = (NUMPY, CUPY)
 
 
 class Layer:
+    _ARRAYS = ()  # float parameters and buffers, which move with to()
     _COUNTERS = ()  # integer buffers, kept as host counters
 
     def __init__(self, backend=None):
@@ -28,7 +30,7 @@ class Layer:
         raise NotImplementedError
 
     def _arrays(self):
-        return [name for name in self._state_names() if name not in self._COUNTERS]
+        return [name for name in self._ARRAYS if getattr(self, name) is not None]
 
     @property
     def library(self):
@@ -65,7 +67,8 @@ class Layer:
     def _check_library(self, x):
         """x's library, which must be the layer's (TypeError saying how to move the layer otherwise)."""
         library = checks.array_library(x, "x")
-        if self._arrays() and library != self.library:
+        arrays = self._arrays()
+        if arrays and library != (library_of(getattr(self, arrays[0])) or NUMPY):
             raise TypeError(
                 f"x is a {library} array but this layer's parameters are {self.library} arrays; "
                 f"call layer.to({library!r}) first"

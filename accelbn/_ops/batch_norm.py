@@ -205,6 +205,7 @@ class BatchNorm(Layer):
     not accumulating). ``backend`` is passed to every call, as the functions' ``backend=``.
     """
 
+    _ARRAYS = ("weight", "bias", "running_mean", "running_var")
     _COUNTERS = ("num_batches_tracked",)
 
     def __init__(

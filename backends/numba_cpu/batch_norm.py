@@ -47,14 +47,13 @@ STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def forward_train(kernels, x, weight, bias, eps, y):
     """Normalize ``x`` with its own statistics into ``y``; return the per-channel mean and biased var."""
     outer, channels, inner = x.shape
-    threads = kernels.threads()
     mean = np.empty(channels)
     var = np.empty(channels)
-    if inner > 1 and by_channel(x, threads):
+    if inner > 1 and by_channel(x, kernels):
         target = Target(y)
         x, stream = dense(x), streams(y)
         if short_rows(x):
-            block = channel_block(x, True, threads)
+            block = channel_block(x, True, kernels)
             kernels.forward_train_by_block(planes(x), inner, block, weight, bias, float(eps), target.planes(), mean, var, stream)
         else:
             kernels.forward_train_by_channel(x, weight, bias, float(eps), target.array, mean, var, stream)
@@ -72,15 +71,15 @@ def forward_train(kernels, x, weight, bias, eps, y):
     part_mean = np.empty((chunks, channels))
     part_m2 = np.empty((chunks, channels))
     if short_rows(x):
-        kernels.block_moments_all(planes(x), inner, channel_block(x, False, threads), count, part_mean, part_m2)
+        kernels.block_moments_all(planes(x), inner, channel_block(x, False, kernels), count, part_mean, part_m2)
     else:
         kernels.chunk_moments_all(x, count, part_mean, part_m2)
     merge_moments(count, part_mean, part_m2, mean, var)
-    _normalize(kernels, threads, x, mean, channel_scale(var, weight, float(eps)), bias, y)
+    _normalize(kernels, x, mean, channel_scale(var, weight, float(eps)), bias, y)
     return mean, var
 
 
-def _normalize(kernels, threads, x, mean, scale, shift, y):
+def _normalize(kernels, x, mean, scale, shift, y):
     inner = x.shape[2]
     target = Target(y)
     stream = streams(y)
@@ -89,24 +88,23 @@ def _normalize(kernels, threads, x, mean, scale, shift, y):
     else:
         x = dense(x)
         if short_rows(x):
-            block = channel_block(x, False, threads)
-            kernels.normalize_blocks(planes(x), inner, block, row_groups(x, block, threads), mean, scale, shift, target.planes(), stream)
+            block = channel_block(x, False, kernels)
+            kernels.normalize_blocks(planes(x), inner, block, row_groups(x, block, kernels), mean, scale, shift, target.planes(), stream)
         else:
-            kernels.normalize_channels_first(x, mean, scale, shift, target.array, segment_tasks(x, threads), stream)
+            kernels.normalize_channels_first(x, mean, scale, shift, target.array, segment_tasks(x, kernels), stream)
     target.finish()
 
 
 @runtime.entry
 def normalize(kernels, x, mean, var, weight, bias, eps, y):
     """y = (x - mean) * weight / sqrt(var + eps) + bias per channel: the eval forward."""
-    _normalize(kernels, kernels.threads(), x, mean, channel_scale(var, weight, float(eps)), bias, y)
+    _normalize(kernels, x, mean, channel_scale(var, weight, float(eps)), bias, y)
 
 
 @runtime.entry
 def backward(kernels, dy, x, mean, invstd, weight, training, dx):
     """Write dx; return the per-channel sums of dy and of dy * (x - mean)."""
     outer, channels, inner = x.shape
-    threads = kernels.threads()
     sum_dy = np.empty(channels)
     sum_dy_xmu = np.empty(channels)
     stream, training = streams(dx), bool(training)
@@ -118,10 +116,10 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx):
         target.finish()
         return sum_dy, sum_dy_xmu
     dy, x = dense(dy), dense(x)
-    if by_channel(x, threads):
+    if by_channel(x, kernels):
         target = Target(dx)
         if short_rows(x):
-            block = channel_block(x, True, threads)
+            block = channel_block(x, True, kernels)
             kernels.backward_by_block(
                 planes(dy), planes(x), inner, block, mean, invstd, weight, training, target.planes(), sum_dy, sum_dy_xmu, stream
             )
@@ -133,7 +131,7 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx):
     part_dy = np.empty((chunks, channels))
     part_dy_xmu = np.empty((chunks, channels))
     if short_rows(x):
-        block = channel_block(x, False, threads)
+        block = channel_block(x, False, kernels)
         kernels.block_gradient_sums_all(planes(dy), planes(x), inner, block, mean, part_dy, part_dy_xmu)
     else:
         kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu)
@@ -141,16 +139,16 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx):
     sum_parts(part_dy_xmu, sum_dy_xmu)
     if not training:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
         zeros = np.zeros(channels)
-        _normalize(kernels, threads, dy, zeros, weight * invstd, zeros, dx)
+        _normalize(kernels, dy, zeros, weight * invstd, zeros, dx)
         return sum_dy, sum_dy_xmu
     factors = gradient_factors(*backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, outer * inner))
     params = np.array((mean, *factors))  # the gradient computes in float64
     target = Target(dx)
     if short_rows(x):
-        block = channel_block(x, False, threads)
-        kernels.gradient_blocks(planes(dy), planes(x), inner, block, row_groups(x, block, threads), params, target.planes(), stream)
+        block = channel_block(x, False, kernels)
+        kernels.gradient_blocks(planes(dy), planes(x), inner, block, row_groups(x, block, kernels), params, target.planes(), stream)
     else:
-        kernels.gradient_channels_first(dy, x, params, target.array, segment_tasks(x, threads), stream)
+        kernels.gradient_channels_first(dy, x, params, target.array, segment_tasks(x, kernels), stream)
     target.finish()
     return sum_dy, sum_dy_xmu
 

@@ -191,10 +191,11 @@ class Kernels:
     def __init__(self, serial):
         self.serial = serial
 
-    def threads(self):
-        """The threads the kernels share: one for the serial twins, whose every further task would
-        cost its own parameter tables, else Numba's count for the calling thread."""
-        return 1 if self.serial else numba.get_num_threads()
+    def tasks(self, per_thread):
+        """How many tasks to split work into: ``per_thread`` per thread of Numba's count for the
+        calling thread, to balance the threads; one for the serial twins, whose every further task
+        would cost its own parameter tables."""
+        return 1 if self.serial else per_thread * numba.get_num_threads()
 
 
 PARALLEL = Kernels(serial=False)

@@ -127,30 +127,30 @@ def streams(y):
     return y.nbytes >= STREAM_MIN_BYTES
 
 
-def by_channel(x, threads):
+def by_channel(x, kernels):
     """Whether channels-first work goes one task per channel, statistics and normalize fused."""
     outer, channels, inner = x.shape
-    return channels >= 4 * threads and outer * inner * x.itemsize <= CACHED_SLICE_BYTES
+    return channels >= kernels.tasks(4) and outer * inner * x.itemsize <= CACHED_SLICE_BYTES
 
 
 def short_rows(x):
     return 1 < x.shape[2] < SHORT_ROW
 
 
-def channel_block(x, fused, threads):
+def channel_block(x, fused, kernels):
     """Channels per block for short rows: runs of at least BLOCK_RUN elements; fused, a block's slice
     stays in cache and there are blocks enough to balance the threads."""
     outer, channels, inner = x.shape
     block = -(-BLOCK_RUN // inner)
     if fused:
-        block = min(block, CACHED_SLICE_BYTES // (outer * inner * x.itemsize), channels // (4 * threads))
+        block = min(block, CACHED_SLICE_BYTES // (outer * inner * x.itemsize), channels // kernels.tasks(4))
     return max(1, min(block, channels))
 
 
-def row_groups(x, block, threads):
+def row_groups(x, block, kernels):
     """Row groups per block for the short-row element passes: tasks enough to balance the threads."""
     blocks = -(-x.shape[1] // block)
-    return max(1, min(x.shape[0], -(-8 * threads // blocks)))
+    return max(1, min(x.shape[0], -(-kernels.tasks(8) // blocks)))
 
 
 
@@ -192,7 +192,7 @@ class Target:
             np.copyto(self.y, self.array)
 
 
-def segment_tasks(x, threads):
+def segment_tasks(x, kernels):
     """Tasks for the channels-first element passes: enough to balance the threads, at most one per segment."""
     units = x.shape[0] * x.shape[1] * segments_per_row(x)
-    return max(1, min(units, 8 * threads))
+    return max(1, min(units, kernels.tasks(8)))
