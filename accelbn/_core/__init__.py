@@ -1,1 +1,2 @@
-"""The core the operations share: array libraries, argument checks, strided views, the backend registry and the layer base class."""
+"""The core the operations share: array libraries, argument checks, dtypes, strided views, the
+backend registry and the layer base class."""

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from accelbn._core import checks, views
+from accelbn._core.dtypes import float64_or, kernel_dtype, stats_dtype
 from accelbn._core.arrays import CUPY, device_of, namespace
 from accelbn._core.layer import Layer
 from accelbn._core.registry import kernels_for
@@ -27,24 +28,6 @@ class BatchStats(NamedTuple):
 
     mean: np.ndarray
     invstd: np.ndarray
-
-
-def stats_dtype(x_dtype):
-    """The dtype of saved statistics and of gradients without a weight: float64 only for float64 x."""
-    return np.dtype(np.float64) if x_dtype == np.float64 else np.dtype(np.float32)
-
-
-def _kernel_dtype(x_dtype, kernels):
-    """The dtype kernels read and write: x's own when the backend stores it (in native byte order),
-    else float32 (float16 and bfloat16 on the CPU)."""
-    if x_dtype in kernels.STORAGE_DTYPES:
-        return x_dtype
-    native = np.dtype(x_dtype.type)
-    return native if native in kernels.STORAGE_DTYPES else np.dtype(np.float32)
-
-
-def _float64_or(xp, v, channels, fill):
-    return xp.full(channels, fill, dtype=np.float64) if v is None else v.astype(np.float64)
 
 
 def _blend(running, batch, momentum):
@@ -110,11 +93,11 @@ def batch_norm(
 
     with device_of(x):
         xp = namespace(library)
-        dtype = _kernel_dtype(x.dtype, kernels)
+        dtype = kernel_dtype(x.dtype, kernels)
         layout = views.channel_layout(x, axis)
         y = views.Output(x, out, layout, dtype)
-        weight64 = _float64_or(xp, weight, channels, 1.0)
-        bias64 = _float64_or(xp, bias, channels, 0.0)
+        weight64 = float64_or(xp, weight, channels, 1.0)
+        bias64 = float64_or(xp, bias, channels, 0.0)
         if training and x.size == 0:  # PyTorch returns an empty y and leaves running stats alone
             mean = var = xp.full(channels, np.nan)
         elif training:
@@ -168,7 +151,7 @@ def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out
 
     with device_of(x):
         xp = namespace(library)
-        dtype = _kernel_dtype(x.dtype, kernels)
+        dtype = kernel_dtype(x.dtype, kernels)
         layout = views.channel_layout(x, axis)
         dx = views.Output(x, out, layout, dtype)
         mean = stats.mean.astype(np.float64)
@@ -179,7 +162,7 @@ def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out
                 views.input3(x, layout, dtype),
                 mean,
                 invstd,
-                _float64_or(xp, weight, channels, 1.0),
+                float64_or(xp, weight, channels, 1.0),
                 training,
                 dx.view,
             )
