@@ -131,3 +131,28 @@ def test_to_rejects_an_unknown_library_and_keeps_numpy_arrays():
     with pytest.raises(ValueError, match=r"library must be one of \['numpy', 'cupy'\], got 'gpu'"):
         layer.to("gpu")
     assert layer.to("numpy") is layer and layer.weight is weight and layer.library == "numpy"
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_layer_backend_runs_every_call_on_that_backend(backend):
+    x = random_array((6, 3, 4, 4), loc=2.0)
+    dy = random_array((6, 3, 4, 4), seed=1)
+    layer = abn.BatchNorm(3, backend=backend)
+    y, dx = layer(x), layer.backward(dy)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    want_y, stats = abn.batch_norm(x, rm, rv, layer.weight, layer.bias, True, return_stats=True, backend=backend)
+    want_dx, want_dweight, _ = abn.batch_norm_backward(dy, x, stats, layer.weight, backend=backend)
+    assert y.tobytes() == want_y.tobytes() and dx.tobytes() == want_dx.tobytes()
+    assert layer.grad_weight.tobytes() == want_dweight.tobytes()
+    assert layer.running_mean.tobytes() == rm.tobytes() and layer.running_var.tobytes() == rv.tobytes()
+    assert repr(layer).endswith(f", backend={backend!r})")
+
+
+def test_layer_backend_is_checked_when_built_and_when_called():
+    with pytest.raises(ValueError, match=r"backend must be one of \['cupy', 'numba', 'numpy'\] or None, got 'tpu'"):
+        abn.BatchNorm(3, backend="tpu")
+    layer = abn.BatchNorm(3, backend="cupy")
+    with pytest.raises(TypeError, match="backend 'cupy' runs on cupy arrays, but x is a numpy array"):
+        layer(random_array((4, 3)))
+    assert layer.num_batches_tracked == 0
+    np.testing.assert_array_equal(layer.running_mean, 0)
