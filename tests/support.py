@@ -11,9 +11,9 @@ import oracle
 
 import accelbn as abn
 
-# Every backend that can run here goes through the same tests; the NumPy reference is the oracle.
-# conftest's `any_backend` includes "cupy", whose cases carry the "gpu" mark (`pytest -m gpu` runs just those);
-# its tests move arrays with `on`. `backend` is the CPU backends, for tests written on NumPy arrays.
+# Every backend that can run here goes through the same tests, against the oracle. conftest's
+# `any_backend` includes "cupy", whose cases carry the "gpu" mark (`pytest -m gpu` runs just those)
+# and move arrays with `on`; `backend` is the CPU backends, for tests written on NumPy arrays.
 BACKENDS = abn.available_backends()
 CPU_BACKENDS = [b for b in BACKENDS if b != "cupy"]
 
