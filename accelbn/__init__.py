@@ -27,7 +27,43 @@ if not _os.path.isdir(_os.path.join(__path__[0], "backends")) and _os.path.isfil
 
 from accelbn._core.registry import available_backends  # noqa: E402
 from accelbn._ops.batch_norm import BatchNorm, BatchStats, batch_norm, batch_norm_backward  # noqa: E402
+from accelbn._ops.group_norm import (  # noqa: E402
+    GroupNorm,
+    InstanceNorm,
+    group_norm,
+    group_norm_backward,
+    instance_norm,
+    instance_norm_backward,
+)
+from accelbn._ops.layer_norm import (  # noqa: E402
+    LayerNorm,
+    RMSNorm,
+    layer_norm,
+    layer_norm_backward,
+    rms_norm,
+    rms_norm_backward,
+)
+from accelbn._ops.row_norm import Stats  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm", "BatchStats", "available_backends", "batch_norm", "batch_norm_backward"]
+__all__ = [
+    "BatchNorm",
+    "BatchStats",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "Stats",
+    "available_backends",
+    "batch_norm",
+    "batch_norm_backward",
+    "group_norm",
+    "group_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
+    "layer_norm",
+    "layer_norm_backward",
+    "rms_norm",
+    "rms_norm_backward",
+]

@@ -1,0 +1,158 @@
+"""The row normalizations (layer, RMS, group and instance norm) on the Numba CPU backend.
+
+The front hands C-contiguous ``(R, K, S)`` rows (see :mod:`accelbn.backends.reference.row_norm`):
+R = N * G rows of K channels by S elements, row r in group r % G, affine parameters per (group,
+channel). Each row is independent: statistics by a shifted two-pass over the row (in runs of the
+element dtype added in float64, as batch norm's), then the element pass while the row is in cache;
+one task per row, so the bits do not depend on the thread count. The backward sums dy * x_hat and
+dy per (group, channel) into per-block partials, blocks of rows fixed by the shape, merged in
+block order.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from accelbn.backends.numba_cpu import runtime
+from accelbn.backends.numba_cpu.reductions import sum_parts, sum_shifted, sum_squared_deviations
+from accelbn.backends.numba_cpu.runtime import NESTED, NESTED_REDUCTION, kernel
+from accelbn.backends.numba_cpu.scalars import as_element, inverse_std, split_mean
+
+STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Elements of a block of rows in the backward, the unit of its partial sums.
+ROW_BLOCK = 65536
+
+
+@njit(**NESTED)
+def _normalize_row(x, y, channels, inner, mean, rstd, weight, bias, g0):
+    """y = (x - mean) * rstd * weight + bias over one row of ``channels`` runs of ``inner`` elements,
+    computed in y's dtype with the mean split (as batch norm's normalize)."""
+    hi, lo = split_mean(y, mean)
+    if inner == 1:
+        for c in range(channels):
+            y[c] = ((x[c] - hi) - lo) * as_element(y, rstd * weight[g0 + c]) + as_element(y, bias[g0 + c])
+        return
+    for c in range(channels):
+        scale = as_element(y, rstd * weight[g0 + c])
+        shift = as_element(y, bias[g0 + c])
+        for i in range(c * inner, (c + 1) * inner):
+            y[i] = ((x[i] - hi) - lo) * scale + shift
+
+
+@kernel
+def _forward_rows(x, groups, weight, bias, eps, centered, y, mean, var):
+    rows, channels, inner = x.shape
+    n = channels * inner
+    flat_x = x.reshape(rows, n)
+    flat_y = y.reshape(rows, n)
+    for r in prange(rows):
+        v = flat_x[r]
+        m = 0.0
+        if centered:
+            shift = np.float64(v[0])
+            m = shift + sum_shifted(v, shift) / n
+        q = sum_squared_deviations(v, m) / n
+        mean[r] = m
+        var[r] = q
+        _normalize_row(v, flat_y[r], channels, inner, m, inverse_std(q, eps), weight, bias, (r % groups) * channels)
+
+
+@njit(**NESTED_REDUCTION)
+def _element_sums(dy, x, mean, rstd, weight, g0, part_dweight, part_dbias):
+    """For a row of single elements (inner 1): adds dy * x_hat and dy to the partials of each
+    element; returns the sums of weight * dy and weight * dy * x_hat over the row."""
+    sum_g = 0.0
+    sum_gx = 0.0
+    for c in range(dy.shape[0]):
+        d = np.float64(dy[c])
+        dx_hat = d * ((np.float64(x[c]) - mean) * rstd)
+        part_dweight[g0 + c] += dx_hat
+        part_dbias[g0 + c] += d
+        sum_g += weight[g0 + c] * d
+        sum_gx += weight[g0 + c] * dx_hat
+    return sum_g, sum_gx
+
+
+@njit(**NESTED_REDUCTION)
+def _run_sums(dy, x, mean, rstd):
+    """Sums of dy * x_hat and dy over one channel's run of a row."""
+    dw = 0.0
+    db = 0.0
+    for i in range(dy.shape[0]):
+        d = np.float64(dy[i])
+        dw += d * ((np.float64(x[i]) - mean) * rstd)
+        db += d
+    return dw, db
+
+
+@njit(**NESTED)
+def _row_gradient(dy, x, dx, channels, inner, mean, rstd, weight, g0, a, p):
+    """dx = (weight * dy - a - x_hat * p) * rstd in float64 over one row."""
+    for c in range(channels):
+        w = weight[g0 + c]
+        for i in range(c * inner, (c + 1) * inner):
+            x_hat = (np.float64(x[i]) - mean) * rstd
+            dx[i] = as_element(dx, (w * np.float64(dy[i]) - a - x_hat * p) * rstd)
+
+
+@kernel
+def _backward_rows(dy, x, groups, mean, rstd, weight, centered, trained, dx, part_dweight, part_dbias, block_rows):
+    rows, channels, inner = x.shape
+    n = channels * inner
+    flat_dy = dy.reshape(rows, n)
+    flat_x = x.reshape(rows, n)
+    flat_dx = dx.reshape(rows, n)
+    for b in prange(part_dweight.shape[0]):
+        pdw = part_dweight[b]
+        pdb = part_dbias[b]
+        for j in range(pdw.shape[0]):
+            pdw[j] = 0.0
+            pdb[j] = 0.0
+        for r in range(b * block_rows, min(b * block_rows + block_rows, rows)):
+            g0 = (r % groups) * channels
+            m = mean[r]
+            s = rstd[r]
+            if inner == 1:
+                sum_g, sum_gx = _element_sums(flat_dy[r], flat_x[r], m, s, weight, g0, pdw, pdb)
+            else:
+                sum_g = 0.0
+                sum_gx = 0.0
+                for c in range(channels):
+                    dw, db = _run_sums(flat_dy[r, c * inner : (c + 1) * inner], flat_x[r, c * inner : (c + 1) * inner], m, s)
+                    pdw[g0 + c] += dw
+                    pdb[g0 + c] += db
+                    sum_g += weight[g0 + c] * db
+                    sum_gx += weight[g0 + c] * dw
+            a = sum_g / n if centered and trained else 0.0
+            p = sum_gx / n if trained else 0.0
+            _row_gradient(flat_dy[r], flat_x[r], flat_dx[r], channels, inner, m, s, weight, g0, a, p)
+
+
+def _block_rows(x):
+    return max(1, ROW_BLOCK // max(1, x.shape[1] * x.shape[2]))
+
+
+@runtime.entry
+def forward(kernels, x, groups, weight, bias, eps, centered, y):
+    """Normalize each row of x into y; return each row's mean (zeros when not centered) and its mean
+    squared deviation from it."""
+    mean = np.empty(x.shape[0])
+    var = np.empty(x.shape[0])
+    kernels.forward_rows(x, groups, weight, bias, float(eps), bool(centered), y, mean, var)
+    return mean, var
+
+
+@runtime.entry
+def backward(kernels, dy, x, groups, mean, rstd, weight, centered, trained, dx):
+    """Write dx (through the statistics when ``trained``, else with them as constants: dx = dy *
+    weight * rstd); return the sums of dy * x_hat and of dy per (group, channel)."""
+    block_rows = _block_rows(x)
+    blocks = -(-x.shape[0] // block_rows)
+    part_dweight = np.empty((blocks, weight.shape[0]))
+    part_dbias = np.empty((blocks, weight.shape[0]))
+    kernels.backward_rows(dy, x, groups, mean, rstd, weight, bool(centered), bool(trained), dx, part_dweight, part_dbias, block_rows)
+    dweight = np.empty(weight.shape[0])
+    dbias = np.empty(weight.shape[0])
+    sum_parts(part_dweight, dweight)
+    sum_parts(part_dbias, dbias)
+    return dweight, dbias
