@@ -44,8 +44,20 @@ class Rows(NamedTuple):
         rows = int(np.prod(self.stats_shape))
         return xp.ascontiguousarray(a, dtype=dtype).reshape(rows, self.channels, self.inner)
 
+    def target(self, xp, out, dtype):
+        """Where the kernels write: ``out`` itself, as rows, when it is C-contiguous in the kernels'
+        dtype and needs no axis moved; else a new (R, K, S) array."""
+        rows = (int(np.prod(self.stats_shape)), self.channels, self.inner)
+        moved = self.axis is not None and self.axis != self.moved_to
+        if out is not None and out.dtype == dtype and not moved and out.flags.c_contiguous:
+            return out.reshape(rows)
+        return xp.empty(rows, dtype)
+
     def result(self, xp, rows, x, out):
-        """The (R, K, S) ``rows`` as an array of x's shape and dtype, written into ``out`` when given."""
+        """The (R, K, S) ``rows`` as an array of x's shape and dtype, written into ``out`` when given
+        (unless they are ``out`` already)."""
+        if out is not None and rows.base is out or rows is out:
+            return out
         shape = list(x.shape)
         if self.axis is not None and self.axis != self.moved_to:
             shape.insert(self.moved_to, shape.pop(self.axis))
@@ -89,7 +101,7 @@ def forward(x, rows, kernels, library, weight, bias, eps, centered, out, return_
         size = rows.groups * rows.channels
         dtype = kernel_dtype(x.dtype, kernels)
         x3 = rows.view(xp, x, dtype)
-        y3 = xp.empty(x3.shape, dtype)
+        y3 = rows.target(xp, out, dtype)
         weight64 = float64_or(xp, None if weight is None else weight.reshape(-1), size, 1.0)
         bias64 = float64_or(xp, None if bias is None else bias.reshape(-1), size, 0.0)
         if x.size:
@@ -126,7 +138,7 @@ def backward(dy, x, stats, rows, kernels, library, weight, centered, trained, ou
         size = rows.groups * rows.channels
         dtype = kernel_dtype(x.dtype, kernels)
         dy3, x3 = rows.view(xp, dy, dtype), rows.view(xp, x, dtype)
-        dx3 = xp.empty(x3.shape, dtype)
+        dx3 = rows.target(xp, out, dtype)
         mean = stats.mean.reshape(-1).astype(np.float64) if centered else xp.zeros(x3.shape[0])
         invstd = stats.invstd.reshape(-1).astype(np.float64)
         weight64 = float64_or(xp, None if weight is None else weight.reshape(-1), size, 1.0)

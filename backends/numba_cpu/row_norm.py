@@ -24,17 +24,18 @@ ROW_BLOCK = 65536
 
 
 @njit(**NESTED)
-def _normalize_row(x, y, channels, inner, mean, rstd, weight, bias, g0):
+def _normalize_row(x, y, channels, inner, mean, rstd, weight, bias):
     """y = (x - mean) * rstd * weight + bias over one row of ``channels`` runs of ``inner`` elements,
-    computed in y's dtype with the mean split (as batch norm's normalize)."""
+    computed in y's dtype with the mean split (as batch norm's normalize); ``weight`` and ``bias``
+    sliced to the row's group."""
     hi, lo = split_mean(y, mean)
     if inner == 1:
         for c in range(channels):
-            y[c] = ((x[c] - hi) - lo) * as_element(y, rstd * weight[g0 + c]) + as_element(y, bias[g0 + c])
+            y[c] = ((x[c] - hi) - lo) * as_element(y, rstd * weight[c]) + as_element(y, bias[c])
         return
     for c in range(channels):
-        scale = as_element(y, rstd * weight[g0 + c])
-        shift = as_element(y, bias[g0 + c])
+        scale = as_element(y, rstd * weight[c])
+        shift = as_element(y, bias[c])
         for i in range(c * inner, (c + 1) * inner):
             y[i] = ((x[i] - hi) - lo) * scale + shift
 
@@ -54,23 +55,33 @@ def _forward_rows(x, groups, weight, bias, eps, centered, y, mean, var):
         q = sum_squared_deviations(v, m) / n
         mean[r] = m
         var[r] = q
-        _normalize_row(v, flat_y[r], channels, inner, m, inverse_std(q, eps), weight, bias, (r % groups) * channels)
+        g0 = (r % groups) * channels
+        _normalize_row(v, flat_y[r], channels, inner, m, inverse_std(q, eps), weight[g0 : g0 + channels], bias[g0 : g0 + channels])
 
 
 @njit(**NESTED_REDUCTION)
-def _element_sums(dy, x, mean, rstd, weight, g0, part_dweight, part_dbias):
-    """For a row of single elements (inner 1): adds dy * x_hat and dy to the partials of each
-    element; returns the sums of weight * dy and weight * dy * x_hat over the row."""
+def _weighted_sums(dy, x, mean, rstd, weight):
+    """For a row of single elements (inner 1): the sums of weight * dy and of weight * dy * x_hat."""
     sum_g = 0.0
     sum_gx = 0.0
     for c in range(dy.shape[0]):
-        d = np.float64(dy[c])
-        dx_hat = d * ((np.float64(x[c]) - mean) * rstd)
-        part_dweight[g0 + c] += dx_hat
-        part_dbias[g0 + c] += d
-        sum_g += weight[g0 + c] * d
-        sum_gx += weight[g0 + c] * dx_hat
+        g = weight[c] * np.float64(dy[c])
+        sum_g += g
+        sum_gx += g * ((np.float64(x[c]) - mean) * rstd)
     return sum_g, sum_gx
+
+
+@njit(**NESTED)
+def _element_gradient(dy, x, dx, mean, rstd, weight, a, p, part_dweight, part_dbias):
+    """For a row of single elements: dx as :func:`_row_gradient`, and dy * x_hat and dy added to
+    each element's partials. (Parameters and partials come sliced to the row's group: an offset
+    index keeps LLVM from vectorizing the loop.)"""
+    for c in range(dy.shape[0]):
+        d = np.float64(dy[c])
+        x_hat = (np.float64(x[c]) - mean) * rstd
+        dx[c] = as_element(dx, (weight[c] * d - a - x_hat * p) * rstd)
+        part_dweight[c] += d * x_hat
+        part_dbias[c] += d
 
 
 @njit(**NESTED_REDUCTION)
@@ -113,7 +124,12 @@ def _backward_rows(dy, x, groups, mean, rstd, weight, centered, trained, dx, par
             m = mean[r]
             s = rstd[r]
             if inner == 1:
-                sum_g, sum_gx = _element_sums(flat_dy[r], flat_x[r], m, s, weight, g0, pdw, pdb)
+                w = weight[g0 : g0 + channels]
+                sum_g, sum_gx = _weighted_sums(flat_dy[r], flat_x[r], m, s, w)
+                a = sum_g / n if centered and trained else 0.0
+                p = sum_gx / n if trained else 0.0
+                _element_gradient(flat_dy[r], flat_x[r], flat_dx[r], m, s, w, a, p, pdw[g0 : g0 + channels], pdb[g0 : g0 + channels])
+                continue
             else:
                 sum_g = 0.0
                 sum_gx = 0.0
