@@ -32,7 +32,9 @@ def _grouped_rows(x, axis, groups):
     if channels % groups:
         raise ValueError(f"the {channels} channels of x (axis {axis}) must be divisible by num_groups={groups}")
     inner = math.prod(n for a, n in enumerate(x.shape) if a not in (0, axis))
-    return Rows(groups=groups, channels=channels // groups, inner=inner, stats_shape=(x.shape[0], groups), axis=axis)
+    channels_last = axis == x.ndim - 1 and x.ndim > 2
+    return Rows(groups=groups, channels=channels // groups, inner=inner, stats_shape=(x.shape[0], groups), axis=axis,
+                channels_last=channels_last)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, return_stats=False, out=None, backend=None):

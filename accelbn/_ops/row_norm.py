@@ -28,7 +28,8 @@ class Stats(NamedTuple):
 
 class Rows(NamedTuple):
     """How x maps to rows: x with ``axis`` moved to position ``moved_to`` (or as it is when None),
-    reshaped to (N * G, K, S); statistics have ``stats_shape``, parameters G * K entries."""
+    reshaped to (N * G, K, S); or, ``channels_last``, x as (N, S, G * K) samples. Statistics have
+    ``stats_shape``, parameters G * K entries."""
 
     groups: int
     channels: int
@@ -36,22 +37,29 @@ class Rows(NamedTuple):
     stats_shape: tuple
     axis: int | None = None
     moved_to: int = 1
+    channels_last: bool = False
+
+    @property
+    def shape3(self):
+        if self.channels_last:
+            return (self.stats_shape[0], self.inner, self.groups * self.channels)
+        return (int(np.prod(self.stats_shape)), self.channels, self.inner)
+
+    def _moved(self):
+        return self.axis is not None and self.axis != self.moved_to and not self.channels_last
 
     def view(self, xp, a, dtype):
-        """``a`` as C-contiguous (R, K, S) rows of ``dtype`` (copied only when it is not already)."""
-        if self.axis is not None and self.axis != self.moved_to:
+        """``a`` as the kernels' C-contiguous array of ``dtype`` (copied only when it is not already)."""
+        if self._moved():
             a = xp.moveaxis(a, self.axis, self.moved_to)
-        rows = int(np.prod(self.stats_shape))
-        return xp.ascontiguousarray(a, dtype=dtype).reshape(rows, self.channels, self.inner)
+        return xp.ascontiguousarray(a, dtype=dtype).reshape(self.shape3)
 
     def target(self, xp, out, dtype):
-        """Where the kernels write: ``out`` itself, as rows, when it is C-contiguous in the kernels'
-        dtype and needs no axis moved; else a new (R, K, S) array."""
-        rows = (int(np.prod(self.stats_shape)), self.channels, self.inner)
-        moved = self.axis is not None and self.axis != self.moved_to
-        if out is not None and out.dtype == dtype and not moved and out.flags.c_contiguous:
-            return out.reshape(rows)
-        return xp.empty(rows, dtype)
+        """Where the kernels write: ``out`` itself when it is C-contiguous in the kernels' dtype and
+        needs no axis moved; else a new array."""
+        if out is not None and out.dtype == dtype and not self._moved() and out.flags.c_contiguous:
+            return out.reshape(self.shape3)
+        return xp.empty(self.shape3, dtype)
 
     def result(self, xp, rows, x, out):
         """The (R, K, S) ``rows`` as an array of x's shape and dtype, written into ``out`` when given
@@ -59,10 +67,10 @@ class Rows(NamedTuple):
         if out is not None and rows.base is out or rows is out:
             return out
         shape = list(x.shape)
-        if self.axis is not None and self.axis != self.moved_to:
+        if self._moved():
             shape.insert(self.moved_to, shape.pop(self.axis))
         y = rows.reshape(shape)
-        if self.axis is not None and self.axis != self.moved_to:
+        if self._moved():
             y = xp.moveaxis(y, self.moved_to, self.axis)
         if out is not None:
             xp.copyto(out, y, casting="same_kind")
@@ -102,12 +110,13 @@ def forward(x, rows, kernels, library, weight, bias, eps, centered, out, return_
         dtype = kernel_dtype(x.dtype, kernels)
         x3 = rows.view(xp, x, dtype)
         y3 = rows.target(xp, out, dtype)
+        run = kernels.forward_channels_last if rows.channels_last else kernels.forward
         weight64 = float64_or(xp, None if weight is None else weight.reshape(-1), size, 1.0)
         bias64 = float64_or(xp, None if bias is None else bias.reshape(-1), size, 0.0)
         if x.size:
-            mean, var = kernels.forward(x3, rows.groups, weight64, bias64, eps, centered, y3)
+            mean, var = run(x3, rows.groups, weight64, bias64, eps, centered, y3)
         else:
-            mean = var = xp.full(x3.shape[0], np.nan)
+            mean = var = xp.full(int(np.prod(rows.stats_shape)), np.nan)
         y = rows.result(xp, y3, x, out)
         saved = stats_dtype(x.dtype)
         stats = Stats(
@@ -139,11 +148,12 @@ def backward(dy, x, stats, rows, kernels, library, weight, centered, trained, ou
         dtype = kernel_dtype(x.dtype, kernels)
         dy3, x3 = rows.view(xp, dy, dtype), rows.view(xp, x, dtype)
         dx3 = rows.target(xp, out, dtype)
-        mean = stats.mean.reshape(-1).astype(np.float64) if centered else xp.zeros(x3.shape[0])
+        mean = stats.mean.reshape(-1).astype(np.float64) if centered else xp.zeros(stats.invstd.size)
         invstd = stats.invstd.reshape(-1).astype(np.float64)
         weight64 = float64_or(xp, None if weight is None else weight.reshape(-1), size, 1.0)
         if x.size:
-            dweight, dbias = kernels.backward(dy3, x3, rows.groups, mean, invstd, weight64, centered, trained, dx3)
+            run = kernels.backward_channels_last if rows.channels_last else kernels.backward
+            dweight, dbias = run(dy3, x3, rows.groups, mean, invstd, weight64, centered, trained, dx3)
         else:
             dweight = dbias = xp.zeros(size)
         dx = rows.result(xp, dx3, x, out)

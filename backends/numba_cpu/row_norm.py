@@ -41,7 +41,7 @@ def _normalize_row(x, y, channels, inner, mean, rstd, weight, bias):
 
 
 @kernel
-def _forward_rows(x, groups, weight, bias, eps, centered, y, mean, var):
+def _row_norm_forward(x, groups, weight, bias, eps, centered, y, mean, var):
     rows, channels, inner = x.shape
     n = channels * inner
     flat_x = x.reshape(rows, n)
@@ -107,7 +107,7 @@ def _row_gradient(dy, x, dx, channels, inner, mean, rstd, weight, g0, a, p):
 
 
 @kernel
-def _backward_rows(dy, x, groups, mean, rstd, weight, centered, trained, dx, part_dweight, part_dbias, block_rows):
+def _row_norm_backward(dy, x, groups, mean, rstd, weight, centered, trained, dx, part_dweight, part_dbias, block_rows):
     rows, channels, inner = x.shape
     n = channels * inner
     flat_dy = dy.reshape(rows, n)
@@ -154,7 +154,7 @@ def forward(kernels, x, groups, weight, bias, eps, centered, y):
     squared deviation from it."""
     mean = np.empty(x.shape[0])
     var = np.empty(x.shape[0])
-    kernels.forward_rows(x, groups, weight, bias, float(eps), bool(centered), y, mean, var)
+    kernels.row_norm_forward(x, groups, weight, bias, float(eps), bool(centered), y, mean, var)
     return mean, var
 
 
@@ -166,9 +166,137 @@ def backward(kernels, dy, x, groups, mean, rstd, weight, centered, trained, dx):
     blocks = -(-x.shape[0] // block_rows)
     part_dweight = np.empty((blocks, weight.shape[0]))
     part_dbias = np.empty((blocks, weight.shape[0]))
-    kernels.backward_rows(dy, x, groups, mean, rstd, weight, bool(centered), bool(trained), dx, part_dweight, part_dbias, block_rows)
+    kernels.row_norm_backward(dy, x, groups, mean, rstd, weight, bool(centered), bool(trained), dx, part_dweight, part_dbias, block_rows)
     dweight = np.empty(weight.shape[0])
     dbias = np.empty(weight.shape[0])
+    sum_parts(part_dweight, dweight)
+    sum_parts(part_dbias, dbias)
+    return dweight, dbias
+
+
+# --- channels-last: (N, S, C) samples, groups of K adjacent channels in every row -------------------
+
+
+@njit(**NESTED)
+def _sample_moments(x, groups, centered, mean, var, column):
+    """Mean and mean squared deviation of each group of sample x (S, C), summed down the rows into
+    the float64 ``column`` sums, shifted by the group's first value."""
+    rows, channels = x.shape
+    k = channels // groups
+    n = rows * k
+    centre = np.empty(channels)
+    for g in range(groups):
+        mean[g] = np.float64(x[0, g * k]) if centered else 0.0
+    for c in range(channels):
+        column[c] = 0.0
+        centre[c] = mean[c // k]
+    if centered:
+        for s in range(rows):
+            for c in range(channels):
+                column[c] += np.float64(x[s, c]) - centre[c]
+        for g in range(groups):
+            total = 0.0
+            for c in range(g * k, (g + 1) * k):
+                total += column[c]
+                column[c] = 0.0
+            mean[g] += total / n
+            for c in range(g * k, (g + 1) * k):
+                centre[c] = mean[g]
+    for s in range(rows):
+        for c in range(channels):
+            d = np.float64(x[s, c]) - centre[c]
+            column[c] += d * d
+    for g in range(groups):
+        total = 0.0
+        for c in range(g * k, (g + 1) * k):
+            total += column[c]
+        var[g] = total / n
+
+
+@kernel
+def _row_norm_forward_channels_last(x, groups, weight, bias, eps, centered, y, mean, var):
+    samples, rows, channels = x.shape
+    k = channels // groups
+    for i in prange(samples):
+        column = np.empty(channels)
+        _sample_moments(x[i], groups, centered, mean[i * groups : (i + 1) * groups], var[i * groups : (i + 1) * groups], column)
+        hi = np.empty(channels, y.dtype)
+        lo = np.empty(channels, y.dtype)
+        scale = np.empty(channels, y.dtype)
+        shift = np.empty(channels, y.dtype)
+        for c in range(channels):
+            g = i * groups + c // k
+            hi[c], lo[c] = split_mean(y, mean[g])
+            scale[c] = as_element(y, inverse_std(var[g], eps) * weight[c])
+            shift[c] = as_element(y, bias[c])
+        xi = x[i]
+        yi = y[i]
+        for s in range(rows):
+            for c in range(channels):
+                yi[s, c] = ((xi[s, c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+
+
+@kernel
+def _row_norm_backward_channels_last(dy, x, groups, mean, rstd, weight, centered, trained, dx, part_dweight, part_dbias):
+    samples, rows, channels = x.shape
+    k = channels // groups
+    n = rows * k
+    for i in prange(samples):
+        sum_dy = part_dbias[i]
+        sum_dy_xhat = part_dweight[i]
+        m = np.empty(channels)
+        r = np.empty(channels)
+        for c in range(channels):
+            m[c] = mean[i * groups + c // k]
+            r[c] = rstd[i * groups + c // k]
+            sum_dy[c] = 0.0
+            sum_dy_xhat[c] = 0.0
+        dyi = dy[i]
+        xi = x[i]
+        for s in range(rows):
+            for c in range(channels):
+                d = np.float64(dyi[s, c])
+                sum_dy[c] += d
+                sum_dy_xhat[c] += d * ((np.float64(xi[s, c]) - m[c]) * r[c])
+        # dx = a * dy + b * x + c per channel, in float64 (a, b, c from the group's sums)
+        a = np.empty(channels)
+        b = np.empty(channels)
+        c0 = np.empty(channels)
+        for g in range(groups):
+            sum_g = 0.0
+            sum_gx = 0.0
+            for c in range(g * k, (g + 1) * k):
+                sum_g += weight[c] * sum_dy[c]
+                sum_gx += weight[c] * sum_dy_xhat[c]
+            mean_g = sum_g / n if centered and trained else 0.0
+            proj = sum_gx / n if trained else 0.0
+            for c in range(g * k, (g + 1) * k):
+                a[c] = weight[c] * r[c]
+                b[c] = -proj * r[c] * r[c]
+                c0[c] = (m[c] * proj * r[c] - mean_g) * r[c]
+        dxi = dx[i]
+        for s in range(rows):
+            for c in range(channels):
+                dxi[s, c] = as_element(dxi, a[c] * np.float64(dyi[s, c]) + b[c] * np.float64(xi[s, c]) + c0[c])
+
+
+@runtime.entry
+def forward_channels_last(kernels, x, groups, weight, bias, eps, centered, y):
+    """:func:`forward` on samples (N, S, C) whose rows hold all C = G * K channels."""
+    mean = np.empty(x.shape[0] * groups)
+    var = np.empty(x.shape[0] * groups)
+    kernels.row_norm_forward_channels_last(x, groups, weight, bias, float(eps), bool(centered), y, mean, var)
+    return mean, var
+
+
+@runtime.entry
+def backward_channels_last(kernels, dy, x, groups, mean, rstd, weight, centered, trained, dx):
+    """:func:`backward` on samples (N, S, C); the partial sums are per sample, merged in order."""
+    part_dweight = np.empty((x.shape[0], x.shape[2]))
+    part_dbias = np.empty((x.shape[0], x.shape[2]))
+    kernels.row_norm_backward_channels_last(dy, x, groups, mean, rstd, weight, bool(centered), bool(trained), dx, part_dweight, part_dbias)
+    dweight = np.empty(x.shape[2])
+    dbias = np.empty(x.shape[2])
     sum_parts(part_dweight, dweight)
     sum_parts(part_dbias, dbias)
     return dweight, dbias

@@ -209,6 +209,8 @@ def kernel(function):
     so they give the same bits. The serial one is compiled from a renamed copy, so each has its own
     disk cache. Nothing compiles until a kernel is first called with a new dtype and layout."""
     name = function.__name__.lstrip("_")
+    if hasattr(PARALLEL, name):  # one namespace serves every operation: a name may not be reused
+        raise ValueError(f"a kernel named {name!r} is registered already")
     twin = FunctionType(function.__code__, function.__globals__, f"{function.__name__}_serial")
     twin.__qualname__ = twin.__name__
     setattr(SERIAL, name, njit(**OPTIONS)(twin))

@@ -52,3 +52,26 @@ def backward(dy, x, groups, mean, invstd, weight, centered, trained, dx):
     dweight = (dy64 * xhat).sum(axis=2).reshape(by_group).sum(axis=0).ravel()
     dbias = dy64.sum(axis=2).reshape(by_group).sum(axis=0).ravel()
     return dweight, dbias
+
+
+def _as_rows(a, groups):
+    """Samples (N, S, C) as rows (N * G, K, S)."""
+    samples, inner, channels = a.shape
+    return np.ascontiguousarray(a.reshape(samples, inner, groups, channels // groups).transpose(0, 2, 3, 1)).reshape(
+        samples * groups, channels // groups, inner)
+
+
+def forward_channels_last(x, groups, weight, bias, eps, centered, y):
+    rows = np.empty(_as_rows(x, groups).shape, np.float64)
+    mean, var = forward(_as_rows(x, groups), groups, weight, bias, eps, centered, rows)
+    samples, inner, channels = x.shape
+    y[...] = rows.reshape(samples, channels, inner).transpose(0, 2, 1)
+    return mean, var
+
+
+def backward_channels_last(dy, x, groups, mean, invstd, weight, centered, trained, dx):
+    rows = np.empty(_as_rows(x, groups).shape, np.float64)
+    sums = backward(_as_rows(dy, groups), _as_rows(x, groups), groups, mean, invstd, weight, centered, trained, rows)
+    samples, inner, channels = x.shape
+    dx[...] = rows.reshape(samples, channels, inner).transpose(0, 2, 1)
+    return sums
