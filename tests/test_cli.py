@@ -215,3 +215,25 @@ def test_bench_times_what_it_says(case):
             assert rel_error(np.asarray(grads[2]).ravel(), dbias) < 2e-5, name
     np.testing.assert_allclose(a.running_mean, train.running_mean, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(a.running_var, train.running_var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("operation", ["layer_norm", "rms_norm", "group_norm", "instance_norm"])
+def test_bench_op_times_each_operation_against_a_copy_and_torch(operation, monkeypatch, capsys):
+    from accelbn._cli import bench_family, grid
+
+    tiny = {"layer_norm": (grid.Case((64, 32), "NC"),), "rms_norm": (grid.Case((64, 32), "NC"),),
+            "group_norm": (grid.Case((2, 64, 3, 3), "NCHW"), grid.Case((2, 3, 3, 64), "NHWC")),
+            "instance_norm": (grid.Case((2, 4, 3, 3), "NCHW"), grid.Case((2, 3, 3, 4), "NHWC"))}
+    monkeypatch.setattr(bench_family, "FAMILY_QUICK_GRID", tiny)
+    assert main(["bench", "--op", operation, "--quick", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{operation}; cpu: ")
+    rows = table_rows(out)
+    assert [(r["shape"], r["pass"]) for r in rows] == [(c.label, p) for c in tiny[operation] for p in ("forward", "backward")]
+    for row in rows:
+        assert float(row["accelbn/copy"]) > 0 and float(row["torch ms"]) > 0 and row["numpy ms"] == "-"
+
+
+def test_bench_op_rejects_an_unknown_operation():
+    result = run_cli("bench", "--op", "batchnorm")
+    assert result.returncode == 2 and "invalid choice: 'batchnorm'" in result.stderr

@@ -29,6 +29,9 @@ def _parser():
         "--repeat", type=_positive_int, metavar="N", help="timed runs of each callable (default: 7, or 5 with --quick)"
     )
     bench.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    bench.add_argument("--op", default="batch_norm", metavar="NAME",
+                       choices=("batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm"),
+                       help="the operation: batch_norm (default), layer_norm, rms_norm, group_norm or instance_norm")
     demo = commands.add_parser(
         "demo", help="train a small CNN with and without batch norm: a learning-rate sweep, momentum, a batch of one"
     )
@@ -65,8 +68,13 @@ def main(argv=None) -> int:
                   chosen=tuple(args.experiments or demo.EXPERIMENTS), out=args.out, as_json=args.json,
                   seed_override=None if args.seeds is None else range(args.seeds), epochs_override=args.epochs)
     else:
-        from accelbn._cli import bench
+        if args.op == "batch_norm":
+            from accelbn._cli import bench
 
-        bench.run(quick=args.quick, repeat=args.repeat, as_json=args.json)
+            bench.run(quick=args.quick, repeat=args.repeat, as_json=args.json)
+        else:
+            from accelbn._cli import bench_family
+
+            bench_family.run(args.op, quick=args.quick, repeat=args.repeat, as_json=args.json)
     return 0
 

@@ -1,4 +1,4 @@
-"""The grid of shapes that ``python -m accelbn bench`` and the asv suite (benchmarks/) time."""
+"""The grids of shapes that ``python -m accelbn bench`` and the asv suite (benchmarks/) time."""
 
 from typing import NamedTuple
 
@@ -40,3 +40,19 @@ QUICK_GRID = (
     Case((4096, 256), "NC"),
     Case((4, 8, 4, 4), "NCHW"),
 )
+
+# Layer, RMS, group and instance norm (`bench --op NAME`), per operation: transformer activations,
+# 56x56 images (group norm in GROUPS groups), a channels-last case; then the quick grid.
+GROUPS = 32
+FAMILY_GRID = {
+    "layer_norm": (Case((8192, 1024), "NC"), Case((64, 512, 768), "NLC")),
+    "rms_norm": (Case((8192, 1024), "NC"), Case((64, 512, 768), "NLC")),
+    "group_norm": (Case((32, 256, 56, 56), "NCHW"), Case((32, 56, 56, 256), "NHWC")),
+    "instance_norm": (Case((32, 64, 56, 56), "NCHW"), Case((32, 56, 56, 64), "NHWC")),
+}
+FAMILY_QUICK_GRID = {
+    "layer_norm": (Case((1024, 512), "NC"),),
+    "rms_norm": (Case((1024, 512), "NC"),),
+    "group_norm": (Case((8, 64, 28, 28), "NCHW"), Case((8, 28, 28, 64), "NHWC")),
+    "instance_norm": (Case((8, 32, 28, 28), "NCHW"),),
+}
