@@ -320,3 +320,11 @@ def test_layer_channel_mismatch_changes_nothing():
     with pytest.raises(ValueError, match="x has 3 channels on axis 1, but this layer has 4"):
         layer(random_array((2, 3, 4, 4)))
     np.testing.assert_array_equal(layer.running_mean, 0)
+
+
+@pytest.mark.gpu
+def test_cupy_arrays_get_a_clear_error_until_the_cuda_kernels_exist(gpu):
+    x = gpu.asarray(random_array((4, 6)))
+    for call in (lambda: abn.layer_norm(x, 6), lambda: abn.group_norm(x, 3), lambda: abn.LayerNorm(6).to("cupy")(x)):
+        with pytest.raises(NotImplementedError, match="backend 'cupy' has no kernels for row_norm yet"):
+            call()

@@ -98,5 +98,12 @@ def kernels_for(backend, library, operation):
     if entry.library != library:
         raise TypeError(f"backend {backend!r} runs on {entry.library} arrays, but x is a {library} array")
     _require(backend)
-    module = _RESOLVED[backend, operation] = importlib.import_module(f"{entry.package}.{operation}")
+    name = f"{entry.package}.{operation}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        raise NotImplementedError(f"backend {backend!r} has no kernels for {operation} yet") from None
+    _RESOLVED[backend, operation] = module
     return module
