@@ -13,9 +13,12 @@ import numpy as np
 from numba import njit, prange
 
 from accelbn.backends.numba_cpu import runtime
+from accelbn.backends.numba_cpu.elements import line_tables, write_affine
+from accelbn.backends.numba_cpu.lines import store_fence
 from accelbn.backends.numba_cpu.reductions import sum_parts, sum_shifted, sum_squared_deviations
 from accelbn.backends.numba_cpu.runtime import NESTED, NESTED_REDUCTION, kernel
 from accelbn.backends.numba_cpu.scalars import as_element, inverse_std, split_mean
+from accelbn.backends.numba_cpu.tiling import streams
 
 STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -24,24 +27,22 @@ ROW_BLOCK = 65536
 
 
 @njit(**NESTED)
-def _normalize_row(x, y, channels, inner, mean, rstd, weight, bias):
+def _normalize_row(x, y, channels, inner, mean, rstd, weight, bias, stream):
     """y = (x - mean) * rstd * weight + bias over one row of ``channels`` runs of ``inner`` elements,
     computed in y's dtype with the mean split (as batch norm's normalize); ``weight`` and ``bias``
-    sliced to the row's group."""
+    sliced to the row's group. Runs are written a cache line at a time, streamed when ``stream``."""
     hi, lo = split_mean(y, mean)
     if inner == 1:
         for c in range(channels):
             y[c] = ((x[c] - hi) - lo) * as_element(y, rstd * weight[c]) + as_element(y, bias[c])
         return
     for c in range(channels):
-        scale = as_element(y, rstd * weight[c])
-        shift = as_element(y, bias[c])
-        for i in range(c * inner, (c + 1) * inner):
-            y[i] = ((x[i] - hi) - lo) * scale + shift
+        params = (hi, lo, as_element(y, rstd * weight[c]), as_element(y, bias[c]))
+        write_affine(x[c * inner : (c + 1) * inner], 0, inner, params, 1, y[c * inner : (c + 1) * inner], stream)
 
 
 @kernel
-def _row_norm_forward(x, groups, weight, bias, eps, centered, y, mean, var):
+def _row_norm_forward(x, groups, weight, bias, eps, centered, y, mean, var, stream):
     rows, channels, inner = x.shape
     n = channels * inner
     flat_x = x.reshape(rows, n)
@@ -56,7 +57,9 @@ def _row_norm_forward(x, groups, weight, bias, eps, centered, y, mean, var):
         mean[r] = m
         var[r] = q
         g0 = (r % groups) * channels
-        _normalize_row(v, flat_y[r], channels, inner, m, inverse_std(q, eps), weight[g0 : g0 + channels], bias[g0 : g0 + channels])
+        _normalize_row(v, flat_y[r], channels, inner, m, inverse_std(q, eps), weight[g0 : g0 + channels], bias[g0 : g0 + channels], stream)
+        if stream:
+            store_fence()
 
 
 @njit(**NESTED_REDUCTION)
@@ -154,7 +157,7 @@ def forward(kernels, x, groups, weight, bias, eps, centered, y):
     squared deviation from it."""
     mean = np.empty(x.shape[0])
     var = np.empty(x.shape[0])
-    kernels.row_norm_forward(x, groups, weight, bias, float(eps), bool(centered), y, mean, var)
+    kernels.row_norm_forward(x, groups, weight, bias, float(eps), bool(centered), y, mean, var, x.shape[2] > 1 and streams(y))
     return mean, var
 
 
@@ -214,26 +217,22 @@ def _sample_moments(x, groups, centered, mean, var, column):
 
 
 @kernel
-def _row_norm_forward_channels_last(x, groups, weight, bias, eps, centered, y, mean, var):
+def _row_norm_forward_channels_last(x, groups, weight, bias, eps, centered, y, mean, var, stream):
     samples, rows, channels = x.shape
     k = channels // groups
     for i in prange(samples):
         column = np.empty(channels)
         _sample_moments(x[i], groups, centered, mean[i * groups : (i + 1) * groups], var[i * groups : (i + 1) * groups], column)
-        hi = np.empty(channels, y.dtype)
-        lo = np.empty(channels, y.dtype)
-        scale = np.empty(channels, y.dtype)
-        shift = np.empty(channels, y.dtype)
+        params = np.empty((4, channels), y.dtype)  # per channel: mean_hi, mean_lo, scale, shift
         for c in range(channels):
             g = i * groups + c // k
-            hi[c], lo[c] = split_mean(y, mean[g])
-            scale[c] = as_element(y, inverse_std(var[g], eps) * weight[c])
-            shift[c] = as_element(y, bias[c])
-        xi = x[i]
-        yi = y[i]
-        for s in range(rows):
-            for c in range(channels):
-                yi[s, c] = ((xi[s, c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+            params[0, c], params[1, c] = split_mean(y, mean[g])
+            params[2, c] = as_element(y, inverse_std(var[g], eps) * weight[c])
+            params[3, c] = as_element(y, bias[c])
+        flat_y = y[i].reshape(-1)
+        write_affine(x[i].reshape(-1), 0, rows * channels, line_tables(params, flat_y), channels, flat_y, stream)
+        if stream:
+            store_fence()
 
 
 @kernel
@@ -285,7 +284,7 @@ def forward_channels_last(kernels, x, groups, weight, bias, eps, centered, y):
     """:func:`forward` on samples (N, S, C) whose rows hold all C = G * K channels."""
     mean = np.empty(x.shape[0] * groups)
     var = np.empty(x.shape[0] * groups)
-    kernels.row_norm_forward_channels_last(x, groups, weight, bias, float(eps), bool(centered), y, mean, var)
+    kernels.row_norm_forward_channels_last(x, groups, weight, bias, float(eps), bool(centered), y, mean, var, streams(y))
     return mean, var
 
 
