@@ -219,3 +219,8 @@ def test_backward_rejects(case):
     with pytest.raises(error) as info:
         abn.batch_norm_backward(args.pop("dy"), args.pop("x"), args.pop("stats"), **args)
     assert message in str(info.value)
+
+
+def test_an_operation_a_backend_lacks_says_so(gpu):
+    with pytest.raises(NotImplementedError, match="backend 'cupy' has no kernels for no_such_operation yet"):
+        registry.kernels_for("cupy", "cupy", "no_such_operation")

@@ -5,26 +5,31 @@ import numpy as np
 import pytest
 from nvrtc import REPORT_KEY, Nvrtc
 
-from accelbn.backends.cuda import batch_norm, launcher
+from accelbn.backends.cuda import batch_norm, launcher, row_norm
+
+# Every CUDA source of the backend, one module each.
+OPERATIONS = [batch_norm, row_norm]
 
 # (CUDA major version of the NVRTC used, target architecture). CUDA 13 dropped sm_70, so Volta is
 # compiled with CUDA 12's NVRTC, the last that targets it.
 TARGETS = [(12, 70), (12, 80), (13, 80), (13, 90)]
 
 
-def test_compile_units_cover_every_storage_dtype():
+@pytest.mark.parametrize("operation", OPERATIONS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_compile_units_cover_every_storage_dtype(operation):
     import ml_dtypes
 
     expected = {np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)}
-    assert set(batch_norm.compile_units()) == expected
+    assert set(operation.compile_units()) == expected
 
 
+@pytest.mark.parametrize("operation", OPERATIONS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 @pytest.mark.parametrize(("cuda_major", "arch"), TARGETS, ids=[f"cuda{m}-sm_{a}" for m, a in TARGETS])
-def test_every_kernel_compiles_without_spills(cuda_major, arch, request):
+def test_every_kernel_compiles_without_spills(cuda_major, arch, operation, request):
     nvrtc = Nvrtc(cuda_major)
-    source = launcher.source(batch_norm.SOURCE)
+    source = launcher.source(operation.SOURCE)
     report = request.config.stash.setdefault(REPORT_KEY, [])
-    for dtype, expressions in batch_norm.compile_units().items():
+    for dtype, expressions in operation.compile_units().items():
         lowered, resources = nvrtc.compile(source, expressions, launcher.OPTIONS, arch)
         for expression in expressions:
             kernel = resources[lowered[expression]]  # ptxas compiled it for this architecture

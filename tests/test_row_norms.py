@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from support import random_array, rel_error
+from support import ArraysOn, random_array, rel_error
 
 import accelbn as abn
 
@@ -322,9 +322,100 @@ def test_layer_channel_mismatch_changes_nothing():
     np.testing.assert_array_equal(layer.running_mean, 0)
 
 
+# name: (function, backward, x shape, positional arguments, keyword arguments)
+FAMILY_CASES = {
+    "layer": (abn.layer_norm, abn.layer_norm_backward, (6, 5, 12), ((5, 12),), {}),
+    "rms": (abn.rms_norm, abn.rms_norm_backward, (6, 5, 12), ((12,),), {}),
+    "group": (abn.group_norm, abn.group_norm_backward, (3, 8, 5, 6), (4,), {}),
+    "group-NHWC": (abn.group_norm, abn.group_norm_backward, (3, 5, 6, 8), (2,), {"axis": -1}),
+    "instance": (abn.instance_norm, abn.instance_norm_backward, (3, 4, 5, 6), (), {}),
+    "instance-NHWC": (abn.instance_norm, abn.instance_norm_backward, (3, 5, 6, 4), (), {"axis": -1}),
+}
+
+
+def _family_outputs(name, dtype, on, backend):
+    """Forward (y and statistics) and backward of case ``name`` on ``backend``, as NumPy arrays."""
+    function, backward, shape, args, kwargs = FAMILY_CASES[name]
+    x = random_array(shape, np.float64, loc=2.0, scale=3.0).astype(dtype)
+    dy = random_array(shape, np.float64, seed=1).astype(dtype)
+    size = x.shape[-1] if name in ("layer", "rms") else x.shape[kwargs.get("axis", 1)]
+    weight = np.random.default_rng(2).uniform(0.5, 1.5, args[0] if name == "layer" else size).astype(dtype)
+    y, stats = function(on.put(x), *args, weight=on.put(weight), **kwargs, return_stats=True, backend=backend)
+    grads = backward(on.put(dy), on.put(x), stats, *args, on.put(weight), **kwargs, backend=backend)
+    return [on.get(a) for a in (y, stats.invstd, *grads)] + ([] if stats.mean is None else [on.get(stats.mean)])
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CASES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, ml_dtypes.bfloat16])
+def test_every_backend_matches_the_reference_on_every_dtype(any_backend, on, name, dtype):
+    got = _family_outputs(name, dtype, on, any_backend)
+    want = _family_outputs(name, np.float64, ArraysOn("numpy"), "numpy")
+    tol = {np.float16: 2e-3, ml_dtypes.bfloat16: 1e-2, np.float32: 2e-5, np.float64: 1e-10}[dtype]
+    for a, b in zip(got, want):
+        # the reference ran on x rounded to dtype only through float64, so the input rounding counts too
+        assert rel_error(a, b) <= tol + 4 * rel_error(b.astype(dtype), b) + (0 if dtype in (np.float32, np.float64) else 2 * tol)
+
+
 @pytest.mark.gpu
-def test_cupy_arrays_get_a_clear_error_until_the_cuda_kernels_exist(gpu):
-    x = gpu.asarray(random_array((4, 6)))
-    for call in (lambda: abn.layer_norm(x, 6), lambda: abn.group_norm(x, 3), lambda: abn.LayerNorm(6).to("cupy")(x)):
-        with pytest.raises(NotImplementedError, match="backend 'cupy' has no kernels for row_norm yet"):
-            call()
+@pytest.mark.parametrize("name", list(FAMILY_CASES))
+def test_cuda_kernels_with_tiny_blocks_are_bitwise_repeatable_and_match(tiny_blocks, name):
+    on = ArraysOn("cupy")
+    first = _family_outputs(name, np.float32, on, "cupy")
+    again = _family_outputs(name, np.float32, on, "cupy")
+    want = _family_outputs(name, np.float64, ArraysOn("numpy"), "numpy")
+    for a, b, c in zip(first, again, want):
+        assert a.tobytes() == b.tobytes()
+        assert rel_error(a, c) < 2e-5
+
+
+@pytest.mark.gpu
+def test_cuda_instance_norm_with_running_stats_matches_the_reference(gpu):
+    on = ArraysOn("cupy")
+    x = random_array((3, 4, 5, 6), np.float32, loc=1.0)
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    rm_gpu, rv_gpu = on.put(rm.copy()), on.put(rv.copy())
+    y = abn.instance_norm(on.put(x), rm_gpu, rv_gpu, momentum=0.3, backend="cupy")
+    want = abn.instance_norm(x, rm, rv, momentum=0.3, backend="numpy")
+    assert rel_error(on.get(y), want) < 2e-5
+    assert rel_error(on.get(rm_gpu), rm) < 2e-6 and rel_error(on.get(rv_gpu), rv) < 2e-6
+    dy = random_array((3, 4, 5, 6), np.float32, seed=1)
+    weight = np.random.default_rng(2).uniform(0.5, 1.5, 4).astype(np.float32)
+    y, stats = abn.instance_norm(on.put(x), rm_gpu, rv_gpu, on.put(weight), use_input_stats=False, return_stats=True)
+    grads = abn.instance_norm_backward(on.put(dy), on.put(x), stats, on.put(weight), use_input_stats=False)
+    _, want_stats = abn.instance_norm(x, rm, rv, weight, use_input_stats=False, return_stats=True, backend="numpy")
+    want = abn.instance_norm_backward(dy, x, want_stats, weight, use_input_stats=False, backend="numpy")
+    for a, b in zip(grads, want):
+        assert rel_error(on.get(a), b) < 2e-5
+
+
+@pytest.mark.gpu
+def test_every_row_norm_kernel_instantiation_is_launched(tiny_blocks):
+    from cudaemu import runtime
+
+    runtime.launched.clear()
+    on = ArraysOn("cupy")
+    for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
+        for name in FAMILY_CASES:
+            _family_outputs(name, dtype, on, "cupy")
+        x = on.put(random_array((2, 3, 4, 4)).astype(dtype))
+        _, stats = abn.instance_norm(x, return_stats=True)
+        abn.instance_norm_backward(x, x, stats, use_input_stats=False)
+    from accelbn.backends.cuda import row_norm
+
+    expected = {name for names in row_norm.compile_units().values() for name in names}
+    assert sorted(expected - runtime.launched) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["group", "group-NHWC", "layer"])
+def test_cuda_row_norm_is_bitwise_identical_under_every_schedule(tiny_blocks, name):
+    from cudaemu import schedule
+
+    on = ArraysOn("cupy")
+    results = []
+    for schedule_name, seed in [("forward", 0), ("reverse", 0), ("random", 1), ("warp-ahead-high", 0)]:
+        with schedule(schedule_name, seed):
+            results.append(_family_outputs(name, np.float32, on, "cupy"))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert a.tobytes() == b.tobytes()

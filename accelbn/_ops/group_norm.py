@@ -127,7 +127,7 @@ def _with_running_stats(x, running_mean, running_var, weight, bias, eps, rows, l
     with device_of(x):
         xp = namespace(library)
         saved = stats_dtype(x.dtype)
-        return y, Stats(*(xp.broadcast_to(v.astype(saved), rows.stats_shape).copy() for v in channel_stats))
+        return y, Stats(*(xp.zeros(rows.stats_shape, saved) + v.astype(saved) for v in channel_stats))
 
 
 def instance_norm_backward(dy, x, stats, weight=None, *, use_input_stats=True, axis=1, out=None, backend=None):
