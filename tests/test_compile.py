@@ -10,7 +10,8 @@ import numba
 import numpy as np
 import pytest
 
-from accelbn.backends.numba_cpu import batch_norm, runtime, tiling
+from accelbn._cli.precompile import precompile_all
+from accelbn.backends.numba_cpu import runtime, tiling
 
 NOTICE = "accelbn: compiling CPU kernels for float32, first use only"
 
@@ -41,7 +42,7 @@ def test_a_compiling_call_says_so_once_and_a_cached_one_is_silent(tmp_path):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_precompile_leaves_no_kernel_uncompiled(dtype):
     for serial in (True, False):
-        batch_norm.precompile(np.dtype(dtype), serial)
+        precompile_all(dtype, serial)
     element = numba.from_dtype(np.dtype(dtype))
     missing = [
         kernel.py_func.__name__

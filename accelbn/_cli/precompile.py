@@ -17,12 +17,20 @@ import numpy as np
 DTYPES = (np.float32, np.float64)
 
 
+def precompile_all(dtype, serial):
+    """Every operation's Numba kernels for ``dtype``, serial or parallel."""
+    from accelbn.backends.numba_cpu import batch_norm, row_norm
+
+    for operation in (batch_norm, row_norm):
+        operation.precompile(np.dtype(dtype), serial)
+
+
 def _job(dtype, serial):
-    from accelbn.backends.numba_cpu import batch_norm, runtime
+    from accelbn.backends.numba_cpu import runtime
 
     runtime.announce_compiles = False
     start = time.perf_counter()
-    batch_norm.precompile(np.dtype(dtype), serial)
+    precompile_all(dtype, serial)
     return time.perf_counter() - start
 
 

@@ -299,3 +299,26 @@ def backward_channels_last(kernels, dy, x, groups, mean, rstd, weight, centered,
     sum_parts(part_dweight, dweight)
     sum_parts(part_dbias, dbias)
     return dweight, dbias
+
+
+
+def precompile(dtype, serial):
+    """Compile, or load from Numba's cache, every kernel of the entry points above on C-ordered
+    ``dtype`` arrays (rows of single elements and of runs, channels-last samples; forward and both
+    backwards), serial or parallel. For a process of its own (``python -m accelbn compile``): the
+    serial threshold is changed for the length of the call."""
+    saved = runtime.SERIAL_MAX_ELEMENTS
+    runtime.SERIAL_MAX_ELEMENTS = (1 << 62) if serial else 0
+    try:
+        for entries, shape, groups in (((forward, backward), (4, 8, 1), 1), ((forward, backward), (4, 2, 3), 2),
+                                       ((forward_channels_last, backward_channels_last), (2, 3, 4), 2)):
+            x = np.ones(shape, dtype)
+            x[:, 0] = 2.0
+            out = np.empty_like(x)
+            ones = np.ones(groups * shape[1] if entries[0] is forward else shape[2])
+            for centered in (True, False):
+                mean, var = entries[0](x, groups, ones, ones, 1e-5, centered, out)
+                for trained in (True, False):
+                    entries[1](x, x, groups, mean, var, ones, centered, trained, out)
+    finally:
+        runtime.SERIAL_MAX_ELEMENTS = saved
