@@ -27,3 +27,8 @@ def gradient_factors(mean_dy, k, scale):
     :func:`backward_coefficients`. Two fused multiply-adds per element instead of five operations;
     in float64 the regrouping costs nothing against a float32 dx, even where dx cancels."""
     return scale, -scale * k, -scale * mean_dy
+
+
+def running_average(running, batch, momentum):
+    """The running-statistics update: (1 - momentum) * running + momentum * batch, in float64."""
+    return (1.0 - momentum) * running.astype(np.float64) + momentum * batch

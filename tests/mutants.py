@@ -23,9 +23,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (name, file, original text, replacement): each a bug someone could write.
 MUTANTS = [
     ("running variance blended with the biased variance", "accelbn/_ops/batch_norm.py",
-     "new_var = _blend(running_var, var * (count / (count - 1)), momentum)",
-     "new_var = _blend(running_var, var, momentum)"),
-    ("momentum of the opposite meaning (Keras')", "accelbn/_ops/batch_norm.py",
+     "new_var = running_average(running_var, var * (count / (count - 1)), momentum)",
+     "new_var = running_average(running_var, var, momentum)"),
+    ("momentum of the opposite meaning (Keras')", "backends/formulas.py",
      "return (1.0 - momentum) * running.astype(np.float64) + momentum * batch",
      "return momentum * running.astype(np.float64) + (1.0 - momentum) * batch"),
     ("eps outside the square root", "backends/formulas.py",

@@ -419,3 +419,23 @@ def test_cuda_row_norm_is_bitwise_identical_under_every_schedule(tiny_blocks, na
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize(
+    "shape, call, backward",
+    [
+        ((0, 8), lambda x, **k: abn.layer_norm(x, 8, **k), lambda dy, x, s: abn.layer_norm_backward(dy, x, s, 8)),
+        ((2, 0, 3), lambda x, **k: abn.layer_norm(x, 3, **k), lambda dy, x, s: abn.layer_norm_backward(dy, x, s, 3)),
+        ((0, 4, 3), lambda x, **k: abn.group_norm(x, 2, **k), lambda dy, x, s: abn.group_norm_backward(dy, x, s, 2)),
+        ((2, 4, 0), lambda x, **k: abn.group_norm(x, 2, **k), lambda dy, x, s: abn.group_norm_backward(dy, x, s, 2)),
+        ((0, 4, 3), lambda x, **k: abn.instance_norm(x, **k), lambda dy, x, s: abn.instance_norm_backward(dy, x, s)),
+    ],
+    ids=["no-rows", "no-rows-3d", "no-samples", "no-positions", "instance-no-samples"],
+)
+def test_empty_inputs_give_empty_outputs_and_zero_gradients_as_torch(shape, call, backward):
+    x = np.zeros(shape, np.float32)
+    y, stats = call(x, return_stats=True)
+    dx, dweight, dbias = backward(x, x, stats)
+    assert y.shape == dx.shape == shape
+    np.testing.assert_array_equal(dweight, 0)
+    np.testing.assert_array_equal(dbias, 0)

@@ -2,10 +2,10 @@
 eval modes, ``layer(x)`` then ``layer.backward(dy)`` with the gradients of the parameters stored on
 the layer, ``to("numpy" | "cupy")``, and ``state_dict`` / ``load_state_dict`` under torch's keys.
 
-A subclass names its float arrays (``_ARRAYS``: parameters and running statistics, each None when
-the layer has none) and its state (:meth:`Layer._state_names`: what exists, under torch's keys, with
-integer counters listed in ``_COUNTERS``), and implements ``forward`` (saving what its backward
-needs with :meth:`Layer._save`) and ``_backward``.
+A subclass names its state under torch's keys and in its order: float arrays in ``_ARRAYS``
+(parameters and running statistics, each None when the layer has none) and integer counters in
+``_COUNTERS``; and implements ``forward`` (saving what its backward needs with :meth:`Layer._save`)
+and ``_backward``.
 """
 
 import numpy as np
@@ -27,7 +27,8 @@ class Layer:
         self._saved = None
 
     def _state_names(self):
-        raise NotImplementedError
+        """The parameters and buffers the layer has, under torch's keys and in its order."""
+        return [name for name in (*self._ARRAYS, *self._COUNTERS) if getattr(self, name) is not None]
 
     def _arrays(self):
         return [name for name in self._ARRAYS if getattr(self, name) is not None]

@@ -13,7 +13,7 @@ from accelbn._core.dtypes import float64_or, kernel_dtype, stats_dtype
 from accelbn._core.arrays import CUPY, device_of, namespace
 from accelbn._core.layer import Layer
 from accelbn._core.registry import kernels_for
-from accelbn.backends.formulas import inverse_std
+from accelbn.backends.formulas import inverse_std, running_average
 
 _OPERATION = "batch_norm"
 
@@ -28,11 +28,6 @@ class BatchStats(NamedTuple):
 
     mean: np.ndarray
     invstd: np.ndarray
-
-
-def _blend(running, batch, momentum):
-    """The running-statistics update: (1 - momentum) * running + momentum * batch."""
-    return (1.0 - momentum) * running.astype(np.float64) + momentum * batch
 
 
 def _count_per_channel(x, axis):
@@ -103,8 +98,8 @@ def batch_norm(
         elif training:
             mean, var = kernels.forward_train(views.input3(x, layout, dtype), weight64, bias64, eps, y.view)
             if running_mean is not None:
-                new_mean = _blend(running_mean, mean, momentum)
-                new_var = _blend(running_var, var * (count / (count - 1)), momentum)
+                new_mean = running_average(running_mean, mean, momentum)
+                new_var = running_average(running_var, var * (count / (count - 1)), momentum)
                 xp.copyto(running_mean, new_mean, casting="same_kind")
                 xp.copyto(running_var, new_var, casting="same_kind")
         else:
@@ -270,8 +265,3 @@ class BatchNorm(Layer):
     def _backward(self, dy, x, stats, use_batch_stats):
         return batch_norm_backward(dy, x, stats, self.weight, training=use_batch_stats, axis=self.axis, backend=self.backend)
 
-    def _state_names(self):
-        names = [n for n in ("weight", "bias") if getattr(self, n) is not None]
-        if self.track_running_stats:
-            names += ["running_mean", "running_var", "num_batches_tracked"]
-        return names

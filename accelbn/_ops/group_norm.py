@@ -15,6 +15,7 @@ from accelbn._ops import row_norm
 from accelbn._ops.batch_norm import batch_norm
 from accelbn._ops.layer_norm import layer_dtype
 from accelbn._ops.row_norm import Rows, Stats
+from accelbn.backends.formulas import running_average
 
 
 def _positive_int(value, name):
@@ -112,10 +113,8 @@ def instance_norm(
             samples = x.shape[0]
             batch_mean = mean.reshape(samples, channels).mean(axis=0)
             batch_var = (var * (rows.inner / (rows.inner - 1))).reshape(samples, channels).mean(axis=0)
-            xp.copyto(running_mean, (1.0 - momentum) * running_mean.astype(np.float64) + momentum * batch_mean,
-                      casting="same_kind")
-            xp.copyto(running_var, (1.0 - momentum) * running_var.astype(np.float64) + momentum * batch_var,
-                      casting="same_kind")
+            xp.copyto(running_mean, running_average(running_mean, batch_mean, momentum), casting="same_kind")
+            xp.copyto(running_var, running_average(running_var, batch_var, momentum), casting="same_kind")
     return result
 
 
@@ -164,8 +163,6 @@ class GroupNorm(Layer):
     def __repr__(self):
         return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine})"
 
-    def _state_names(self):
-        return [n for n in self._ARRAYS if getattr(self, n) is not None]
 
     def forward(self, x):
         self._check_library(x)
@@ -211,11 +208,6 @@ class InstanceNorm(Layer):
         return (f"InstanceNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats})")
 
-    def _state_names(self):
-        names = [n for n in ("weight", "bias") if getattr(self, n) is not None]
-        if self.track_running_stats:
-            names += ["running_mean", "running_var", "num_batches_tracked"]
-        return names
 
     def forward(self, x):
         self._check_library(x)

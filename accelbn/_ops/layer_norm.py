@@ -115,8 +115,6 @@ class LayerNorm(Layer):
     def __repr__(self):
         return f"LayerNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine})"
 
-    def _state_names(self):
-        return [n for n in self._ARRAYS if getattr(self, n) is not None]
 
     def forward(self, x):
         self._check_library(x)
@@ -147,8 +145,6 @@ class RMSNorm(Layer):
     def __repr__(self):
         return f"RMSNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine})"
 
-    def _state_names(self):
-        return [n for n in self._ARRAYS if getattr(self, n) is not None]
 
     def forward(self, x):
         self._check_library(x)
