@@ -64,10 +64,10 @@ def gpu(request):
 
 @pytest.fixture
 def cuda(gpu):
-    """The CUDA backend's package, with its launcher and its batch_norm module (bound to the
+    """The CUDA backend's package, with its launcher and its operations' modules (bound to the
     stand-in cupy on the harness)."""
     from accelbn.backends import cuda
-    from accelbn.backends.cuda import batch_norm, launcher  # noqa: F401  (attributes of the package)
+    from accelbn.backends.cuda import batch_norm, launcher, row_norm  # noqa: F401  (attributes of the package)
 
     return cuda
 

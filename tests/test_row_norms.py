@@ -330,6 +330,9 @@ FAMILY_CASES = {
     "group-NHWC": (abn.group_norm, abn.group_norm_backward, (3, 5, 6, 8), (2,), {"axis": -1}),
     "instance": (abn.instance_norm, abn.instance_norm_backward, (3, 4, 5, 6), (), {}),
     "instance-NHWC": (abn.instance_norm, abn.instance_norm_backward, (3, 5, 6, 4), (), {"axis": -1}),
+    # rows longer than a warp's share on the GPU (row_norm.WARP_ROW_MAX): a block per row
+    "layer-long-rows": (abn.layer_norm, abn.layer_norm_backward, (3, 1500), ((1500,),), {}),
+    "group-NHWC-long-rows": (abn.group_norm, abn.group_norm_backward, (2, 30, 40, 4), (2,), {"axis": -1}),
 }
 
 
@@ -338,8 +341,8 @@ def _family_outputs(name, dtype, on, backend):
     function, backward, shape, args, kwargs = FAMILY_CASES[name]
     x = random_array(shape, np.float64, loc=2.0, scale=3.0).astype(dtype)
     dy = random_array(shape, np.float64, seed=1).astype(dtype)
-    size = x.shape[-1] if name in ("layer", "rms") else x.shape[kwargs.get("axis", 1)]
-    weight = np.random.default_rng(2).uniform(0.5, 1.5, args[0] if name == "layer" else size).astype(dtype)
+    size = args[0] if function in (abn.layer_norm, abn.rms_norm) else (x.shape[kwargs.get("axis", 1)],)
+    weight = np.random.default_rng(2).uniform(0.5, 1.5, size).astype(dtype)
     y, stats = function(on.put(x), *args, weight=on.put(weight), **kwargs, return_stats=True, backend=backend)
     grads = backward(on.put(dy), on.put(x), stats, *args, on.put(weight), **kwargs, backend=backend)
     return [on.get(a) for a in (y, stats.invstd, *grads)] + ([] if stats.mean is None else [on.get(stats.mean)])
@@ -397,9 +400,10 @@ def test_every_row_norm_kernel_instantiation_is_launched(tiny_blocks):
     for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
         for name in FAMILY_CASES:
             _family_outputs(name, dtype, on, "cupy")
-        x = on.put(random_array((2, 3, 4, 4)).astype(dtype))
-        _, stats = abn.instance_norm(x, return_stats=True)
-        abn.instance_norm_backward(x, x, stats, use_input_stats=False)
+        for shape in ((2, 3, 4, 4), (2, 3, 40, 40)):  # rows for a warp, and for a block
+            x = on.put(random_array(shape).astype(dtype))
+            _, stats = abn.instance_norm(x, return_stats=True)
+            abn.instance_norm_backward(x, x, stats, use_input_stats=False)
     from accelbn.backends.cuda import row_norm
 
     expected = {name for names in row_norm.compile_units().values() for name in names}
@@ -439,3 +443,44 @@ def test_empty_inputs_give_empty_outputs_and_zero_gradients_as_torch(shape, call
     assert y.shape == dx.shape == shape
     np.testing.assert_array_equal(dweight, 0)
     np.testing.assert_array_equal(dbias, 0)
+
+
+# (name, text in row_norm.cu, its replacement): each must make the check below fail.
+ROW_NORM_MUTANTS = [
+    ("warp_reduce skipping a level",
+     "for (int offset = 16; offset > 0; offset /= 2) value = combine(value, shuffle_down(value, offset));\n    return value;",
+     "for (int offset = 8; offset > 0; offset /= 2) value = combine(value, shuffle_down(value, offset));\n    return value;"),
+    ("the block path reading a row's statistics before they are written",
+     "            var[row] = row_var;\n        }\n        __syncthreads();\n",
+     "            var[row] = row_var;\n        }\n"),
+    ("a parameter's gradient one sample short", "for (index_t n = 0; n < samples; ++n) {", "for (index_t n = 1; n < samples; ++n) {"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, original, replacement", ROW_NORM_MUTANTS, ids=[m[0] for m in ROW_NORM_MUTANTS])
+def test_a_planted_bug_in_the_row_norm_kernels_is_caught(tiny_blocks, monkeypatch, tmp_path, name, original, replacement):
+    from cudaemu import KernelError, schedule
+
+    cuda = tiny_blocks
+    source = cuda.row_norm.SOURCE.read_text()
+    assert source.count(original) == 1, "the mutation no longer matches row_norm.cu"
+    mutated = tmp_path / "row_norm.cu"
+    mutated.write_text(source.replace(original, replacement))
+    monkeypatch.setattr(cuda.row_norm, "SOURCE", mutated)
+    monkeypatch.setattr(cuda.launcher, "BLOCK", 64)
+    on = ArraysOn("cupy")
+    caught = []
+    for case in ("layer", "layer-long-rows", "group"):
+        want = _family_outputs(case, np.float64, ArraysOn("numpy"), "numpy")
+        for schedule_name in ("forward", "reverse"):
+            try:
+                with schedule(schedule_name):
+                    got = _family_outputs(case, np.float32, on, "cupy")
+            except KernelError as e:
+                caught.append(f"KernelError: {e}")
+                continue
+            errors = [rel_error(a, b) for a, b in zip(got, want)]
+            if not max(errors) < 2e-5:
+                caught.append(f"{case} under {schedule_name}: relative error {max(errors):.1e}")
+    assert caught, f"{name}: no test noticed"

@@ -13,13 +13,20 @@ from accelbn.backends.cuda.launcher import CTYPES, channel_vectors, i64
 SOURCE = pathlib.Path(__file__).with_name("row_norm.cu")
 STORAGE_DTYPES = launcher.STORAGE_DTYPES
 
+# Rows of at most this many elements go a warp each, longer ones a block each.
+WARP_ROW_MAX = 1024
+
 
 @functools.cache
 def compile_units():
     """``{storage dtype: name expressions}``: one module per storage dtype."""
     return {
-        dtype: (f"abn::rn_forward<{ctype}>", f"abn::rn_backward<{ctype}, true>", f"abn::rn_backward<{ctype}, false>",
-                f"abn::rn_parameter_sums<{ctype}>")
+        dtype: tuple(
+            f"abn::{kernel}<{ctype}{flag}>"
+            for kernel, flags in [("rn_forward", [""]), ("rn_forward_warp", [""]), ("rn_backward", [", true", ", false"]),
+                                  ("rn_backward_warp", [", true", ", false"]), ("rn_parameter_sums", [""])]
+            for flag in flags
+        )
         for dtype, ctype in CTYPES.items()
     }
 
@@ -51,12 +58,21 @@ def _rows(a, groups, channels_last):
     return a.shape[0] * groups if channels_last else a.shape[0]
 
 
+def _row_launch(name, x, groups, channels_last, args, *template_args):
+    """A row kernel: a warp per row for short rows, else a block per row."""
+    rows = _rows(x, groups, channels_last)
+    if x.size // rows <= WARP_ROW_MAX:
+        warps = launcher.BLOCK // 32
+        launcher.launch(_kernel(x.dtype, f"{name}_warp", *template_args), -(-rows // warps), args)
+    else:
+        launcher.launch(_kernel(x.dtype, name, *template_args), rows, args)
+
+
 def _forward(x, groups, weight, bias, eps, centered, y, channels_last):
     rows = _rows(x, groups, channels_last)
     mean, var = channel_vectors(rows, 2)
-    launcher.launch(
-        _kernel(x.dtype, "rn_forward"),
-        rows,
+    _row_launch(
+        "rn_forward", x, groups, channels_last,
         (x, *_row_strides(x, groups, channels_last), y, *_row_strides(y, groups, channels_last),
          *_shape(x, groups, channels_last), weight, bias, np.float64(eps), np.int32(centered), mean, var),
     )
@@ -64,13 +80,12 @@ def _forward(x, groups, weight, bias, eps, centered, y, channels_last):
 
 
 def _backward(dy, x, groups, mean, rstd, weight, centered, trained, dx, channels_last):
-    rows = _rows(x, groups, channels_last)
     strides = [*_row_strides(dy, groups, channels_last), x, *_row_strides(x, groups, channels_last)]
     shape = _shape(x, groups, channels_last)
-    launcher.launch(
-        _kernel(x.dtype, "rn_backward", "true" if trained else "false"),
-        rows,
+    _row_launch(
+        "rn_backward", x, groups, channels_last,
         (dy, *strides, dx, *_row_strides(dx, groups, channels_last), *shape, mean, rstd, weight, np.int32(centered)),
+        "true" if trained else "false",
     )
     dweight, dbias = channel_vectors(weight.shape[0], 2)
     launcher.launch_per_channel(
