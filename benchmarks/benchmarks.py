@@ -1,5 +1,6 @@
-"""airspeed velocity benchmarks: train, eval and backward per backend over the grid of
-``python -m accelbn bench``, their peak memory, their time relative to a memory copy of the same
+"""airspeed velocity benchmarks: batch norm's train, eval and backward per backend over the grid of
+``python -m accelbn bench``, and layer, RMS, group and instance norm's forward and backward over
+that of ``bench --op NAME``; their peak memory, their time relative to a memory copy of the same
 array, and the cost of ``import accelbn`` plus a first call in a fresh process."""
 
 import statistics
@@ -13,6 +14,10 @@ try:
     from accelbn._cli.grid import FULL_GRID
 except ImportError:  # asv runs this file against older commits too, from before the grid moved
     from accelbn._bench import FULL_GRID
+try:
+    from accelbn._cli.grid import FAMILY_GRID, GROUPS
+except ImportError:  # commits before layer, RMS, group and instance norm: nothing to measure
+    FAMILY_GRID, GROUPS = {}, 32
 
 CASES = {f"{case.layout} {case.label} {np.dtype(case.dtype).name}": case for case in FULL_GRID}
 BACKENDS = ["cupy", "numba", "numpy"]
@@ -72,24 +77,26 @@ class _Pass:
         self.copy()
 
 
-class BatchNorm(_Pass):
-    def time_pass(self, backend, case, pass_):
+class _Timed:
+    """The pass's time and the process's peak memory, for a class whose ``setup`` builds ``run``."""
+
+    def time_pass(self, *params):
         self.run()
 
-    def peakmem_pass(self, backend, case, pass_):
+    def peakmem_pass(self, *params):
         # With out= given, the peak is the inputs and output of setup plus the kernels' scratch.
         self.run()
 
 
-class RatioToCopy(_Pass):
+class _RatioToCopy:
     """The pass's median time over that of a copy of the same array (``np.copyto``, or
-    ``cupy.copyto`` device to device), measured side by side:
-    a number that moves when the kernels regress, not when the machine does."""
+    ``cupy.copyto`` device to device), measured side by side: a number that moves when the
+    kernels regress, not when the machine does."""
 
     unit = "ratio"
     repeat = 7
 
-    def track_ratio_to_copy(self, backend, case, pass_):
+    def track_ratio_to_copy(self, *params):
         pass_times, copy_times = [], []
         for _ in range(self.repeat):
             for run, times in ((self.run, pass_times), (self.copy, copy_times)):
@@ -97,6 +104,56 @@ class RatioToCopy(_Pass):
                 run()
                 times.append(time.perf_counter() - start)
         return statistics.median(pass_times) / statistics.median(copy_times)
+
+
+class BatchNorm(_Pass, _Timed):
+    pass
+
+
+class RatioToCopy(_Pass, _RatioToCopy):
+    pass
+
+
+FAMILY_CASES = {f"{op} {case.layout} {case.label}": (op, case) for op, cases in FAMILY_GRID.items() for case in cases}
+
+
+class _RowNormPass:
+    """Layer, RMS, group and instance norm on the grid of ``python -m accelbn bench --op NAME``:
+    forward or backward per CPU backend, arrays built and kernels compiled in ``setup``."""
+
+    params = (["numba", "numpy"], list(FAMILY_CASES), ["forward", "backward"])
+    param_names = ["backend", "case", "pass"]
+
+    def setup(self, backend, case, pass_):
+        if case not in FAMILY_CASES:
+            raise NotImplementedError(f"{case} is not in this commit's grid")
+        operation, case = FAMILY_CASES[case]
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(case.shape, dtype=case.dtype)
+        dy = rng.standard_normal(case.shape, dtype=case.dtype)
+        out = np.empty_like(x)
+        if operation in ("layer_norm", "rms_norm"):
+            args, kwargs = (case.shape[-1],), {}
+        else:
+            args, kwargs = ((GROUPS,) if operation == "group_norm" else ()), {"axis": case.axis}
+        forward = getattr(abn, operation)
+        backward = getattr(abn, f"{operation}_backward")
+        _, stats = forward(x, *args, **kwargs, return_stats=True, backend=backend)
+        self.copy = lambda: np.copyto(out, x)
+        self.run = {
+            "forward": lambda: forward(x, *args, **kwargs, out=out, backend=backend),
+            "backward": lambda: backward(dy, x, stats, *args, **kwargs, out=out, backend=backend),
+        }[pass_]
+        self.run()  # compiles (or loads) the kernels outside the timed body
+        self.copy()
+
+
+class RowNorm(_RowNormPass, _Timed):
+    pass
+
+
+class RowNormRatioToCopy(_RowNormPass, _RatioToCopy):
+    pass
 
 
 def timeraw_import_and_first_call():

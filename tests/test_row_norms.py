@@ -451,8 +451,8 @@ ROW_NORM_MUTANTS = [
      "for (int offset = 16; offset > 0; offset /= 2) value = combine(value, shuffle_down(value, offset));\n    return value;",
      "for (int offset = 8; offset > 0; offset /= 2) value = combine(value, shuffle_down(value, offset));\n    return value;"),
     ("the block path reading a row's statistics before they are written",
-     "            var[row] = row_var;\n        }\n        __syncthreads();\n",
-     "            var[row] = row_var;\n        }\n"),
+     "            var[r] = row_var;\n        }\n        __syncthreads();\n",
+     "            var[r] = row_var;\n        }\n"),
     ("a parameter's gradient one sample short", "for (index_t n = 0; n < samples; ++n) {", "for (index_t n = 1; n < samples; ++n) {"),
 ]
 

@@ -24,46 +24,92 @@ struct RowStrides {
 #define ROW_STRIDES(name) \
     RowStrides { name##_n, name##_g, name##_k, name##_s }
 
+// One row's work, shared by the block and the warp kernels: a thread takes elements first, first +
+// step, ... of the row (its index in the block and the block size, or its lane and 32).
+struct Row {
+    index_t n, g, channels, inner, count, first, step;
+};
+
+template <typename T>
+__device__ __forceinline__ Moments row_moments(const T* __restrict__ x, const RowStrides& xs, const Row& row, int centered) {
+    Moments m{0, 0, 0};
+    for (index_t i = row.first; i < row.count; i += row.step) {
+        const double v = to_double(x[xs.at(row.n, row.g, i / row.inner, i % row.inner)]);
+        m = merge(m, centered ? Moments{1, v, 0} : Moments{1, 0, v * v});
+    }
+    return m;
+}
+
+template <typename T>
+__device__ __forceinline__ void normalize_row(const T* __restrict__ x, const RowStrides& xs, T* __restrict__ y,
+                                              const RowStrides& ys, const Row& row, double mean, double rstd,
+                                              const double* __restrict__ weight, const double* __restrict__ bias) {
+    using A = typename Compute<T>::type;
+    const SplitMean<A> mu(mean);
+    for (index_t i = row.first; i < row.count; i += row.step) {
+        const index_t k = i / row.inner, s = i % row.inner, p = row.g * row.channels + k;
+        const A a = static_cast<A>(rstd * weight[p]), b = static_cast<A>(bias[p]);
+        y[ys.at(row.n, row.g, k, s)] = from_compute<T>(mu.centre(to_compute(x[xs.at(row.n, row.g, k, s)])) * a + b);
+    }
+}
+
+// The sums of weight * dy and weight * dy * x_hat over a thread's elements of a row.
+template <typename T>
+__device__ __forceinline__ SumPair row_gradient_sums(const T* __restrict__ dy, const RowStrides& dys,
+                                                     const T* __restrict__ x, const RowStrides& xs, const Row& row,
+                                                     double mean, double rstd, const double* __restrict__ weight) {
+    SumPair sums{0, 0};
+    for (index_t i = row.first; i < row.count; i += row.step) {
+        const index_t k = i / row.inner, s = i % row.inner;
+        const double wd = weight[row.g * row.channels + k] * to_double(dy[dys.at(row.n, row.g, k, s)]);
+        sums.dy += wd;
+        sums.dy_xmu += wd * ((to_double(x[xs.at(row.n, row.g, k, s)]) - mean) * rstd);
+    }
+    return sums;
+}
+
+// dx = (weight * dy - a - x_hat * p) * rstd: with the statistics trained, a = mean(weight * dy)
+// (0 without centring) and p = mean(weight * dy * x_hat); as constants, a = p = 0.
+template <typename T, bool TRAINED>
+__device__ __forceinline__ void row_gradient(const T* __restrict__ dy, const RowStrides& dys, const T* __restrict__ x,
+                                             const RowStrides& xs, T* __restrict__ dx, const RowStrides& dxs,
+                                             const Row& row, double mean, double rstd, const double* __restrict__ weight,
+                                             double a, double p) {
+    for (index_t i = row.first; i < row.count; i += row.step) {
+        const index_t k = i / row.inner, s = i % row.inner;
+        const double x_hat = TRAINED ? (to_double(x[xs.at(row.n, row.g, k, s)]) - mean) * rstd : 0.0;
+        const double d = to_double(dy[dys.at(row.n, row.g, k, s)]);
+        dx[dxs.at(row.n, row.g, k, s)] = from_double<T>((weight[row.g * row.channels + k] * d - a - x_hat * p) * rstd);
+    }
+}
+
+// --- rows: a block per row ------------------------------------------------------------------------
+
 template <typename T> __global__ void __launch_bounds__(MAX_BLOCK, 1)
     rn_forward(const T* __restrict__ x, ROW_STRIDE_PARAMS(xs), T* __restrict__ y, ROW_STRIDE_PARAMS(ys),
                index_t samples, index_t groups, index_t channels, index_t inner, const double* __restrict__ weight,
                const double* __restrict__ bias, double eps, int centered, double* __restrict__ mean,
                double* __restrict__ var) {
-    using A = typename Compute<T>::type;
     const RowStrides xs = ROW_STRIDES(xs);
     const RowStrides ys = ROW_STRIDES(ys);
     __shared__ Moments scratch[32];
     __shared__ double row_mean;
     __shared__ double row_var;
-    const index_t count = channels * inner;
-    for (index_t row = blockIdx.x; row < samples * groups; row += gridDim.x) {
-        const index_t n = row / groups, g = row % groups;
-        Moments m{0, 0, 0};
-        for (index_t i = threadIdx.x; i < count; i += blockDim.x) {
-            const double v = to_double(x[xs.at(n, g, i / inner, i % inner)]);
-            m = merge(m, centered ? Moments{1, v, 0} : Moments{1, 0, v * v});
-        }
-        m = block_reduce(m, scratch, Moments{0, 0, 0});
+    for (index_t r = blockIdx.x; r < samples * groups; r += gridDim.x) {
+        const Row row{r / groups, r % groups, channels, inner, channels * inner, threadIdx.x, blockDim.x};
+        const Moments m = block_reduce(row_moments(x, xs, row, centered), scratch, Moments{0, 0, 0});
         if (threadIdx.x == 0) {
             row_mean = centered ? m.mean : 0.0;
-            row_var = m.m2 / static_cast<double>(count);
-            mean[row] = row_mean;
-            var[row] = row_var;
+            row_var = m.m2 / static_cast<double>(row.count);
+            mean[r] = row_mean;
+            var[r] = row_var;
         }
         __syncthreads();
-        const SplitMean<A> mu(row_mean);
-        const double rstd = inverse_std(row_var, eps);
-        for (index_t i = threadIdx.x; i < count; i += blockDim.x) {
-            const index_t k = i / inner, s = i % inner, p = g * channels + k;
-            const A a = static_cast<A>(rstd * weight[p]), b = static_cast<A>(bias[p]);
-            y[ys.at(n, g, k, s)] = from_compute<T>(mu.centre(to_compute(x[xs.at(n, g, k, s)])) * a + b);
-        }
+        normalize_row(x, xs, y, ys, row, row_mean, inverse_std(row_var, eps), weight, bias);
         __syncthreads();  // row_mean and row_var are the next row's
     }
 }
 
-// dx = (weight * dy - a - x_hat * p) * rstd: with the statistics trained, a = mean(weight * dy)
-// (0 without centring) and p = mean(weight * dy * x_hat); as constants, a = p = 0.
 template <typename T, bool TRAINED> __global__ void __launch_bounds__(MAX_BLOCK, 1)
     rn_backward(const T* __restrict__ dy, ROW_STRIDE_PARAMS(dys), const T* __restrict__ x, ROW_STRIDE_PARAMS(xs),
                 T* __restrict__ dx, ROW_STRIDE_PARAMS(dxs), index_t samples, index_t groups, index_t channels,
@@ -75,32 +121,19 @@ template <typename T, bool TRAINED> __global__ void __launch_bounds__(MAX_BLOCK,
     __shared__ SumPair scratch[32];
     __shared__ double row_a;
     __shared__ double row_p;
-    const index_t count = channels * inner;
-    for (index_t row = blockIdx.x; row < samples * groups; row += gridDim.x) {
-        const index_t n = row / groups, g = row % groups;
-        const double mu = mean[row], r = rstd[row];
+    for (index_t r = blockIdx.x; r < samples * groups; r += gridDim.x) {
+        const Row row{r / groups, r % groups, channels, inner, channels * inner, threadIdx.x, blockDim.x};
         if (TRAINED) {
-            SumPair sums{0, 0};
-            for (index_t i = threadIdx.x; i < count; i += blockDim.x) {
-                const index_t k = i / inner, s = i % inner;
-                const double wd = weight[g * channels + k] * to_double(dy[dys.at(n, g, k, s)]);
-                sums.dy += wd;
-                sums.dy_xmu += wd * ((to_double(x[xs.at(n, g, k, s)]) - mu) * r);
-            }
-            sums = block_reduce(sums, scratch, SumPair{0, 0});
+            const SumPair sums =
+                block_reduce(row_gradient_sums(dy, dys, x, xs, row, mean[r], rstd[r], weight), scratch, SumPair{0, 0});
             if (threadIdx.x == 0) {
-                row_a = centered ? sums.dy / static_cast<double>(count) : 0.0;
-                row_p = sums.dy_xmu / static_cast<double>(count);
+                row_a = centered ? sums.dy / static_cast<double>(row.count) : 0.0;
+                row_p = sums.dy_xmu / static_cast<double>(row.count);
             }
             __syncthreads();
         }
-        const double a = TRAINED ? row_a : 0.0, p = TRAINED ? row_p : 0.0;
-        for (index_t i = threadIdx.x; i < count; i += blockDim.x) {
-            const index_t k = i / inner, s = i % inner;
-            const double x_hat = TRAINED ? (to_double(x[xs.at(n, g, k, s)]) - mu) * r : 0.0;
-            const double d = to_double(dy[dys.at(n, g, k, s)]);
-            dx[dxs.at(n, g, k, s)] = from_double<T>((weight[g * channels + k] * d - a - x_hat * p) * r);
-        }
+        row_gradient<T, TRAINED>(dy, dys, x, xs, dx, dxs, row, mean[r], rstd[r], weight, TRAINED ? row_a : 0.0,
+                                 TRAINED ? row_p : 0.0);
         if (TRAINED) __syncthreads();  // row_a and row_p are the next row's
     }
 }
@@ -123,33 +156,20 @@ template <typename T> __global__ void __launch_bounds__(MAX_BLOCK, 1)
                     index_t samples, index_t groups, index_t channels, index_t inner,
                     const double* __restrict__ weight, const double* __restrict__ bias, double eps, int centered,
                     double* __restrict__ mean, double* __restrict__ var) {
-    using A = typename Compute<T>::type;
     const RowStrides xs = ROW_STRIDES(xs);
     const RowStrides ys = ROW_STRIDES(ys);
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    const index_t count = channels * inner;
-    for (index_t row = blockIdx.x * static_cast<index_t>(warps) + threadIdx.x / 32; row < samples * groups;
-         row += static_cast<index_t>(gridDim.x) * warps) {
-        const index_t n = row / groups, g = row % groups;
-        Moments m{0, 0, 0};
-        for (index_t i = lane; i < count; i += 32) {
-            const double v = to_double(x[xs.at(n, g, i / inner, i % inner)]);
-            m = merge(m, centered ? Moments{1, v, 0} : Moments{1, 0, v * v});
-        }
-        m = warp_reduce(m);
+    for (index_t r = blockIdx.x * static_cast<index_t>(warps) + threadIdx.x / 32; r < samples * groups;
+         r += static_cast<index_t>(gridDim.x) * warps) {
+        const Row row{r / groups, r % groups, channels, inner, channels * inner, lane, 32};
+        const Moments m = warp_reduce(row_moments(x, xs, row, centered));
         const double row_mean = from_lane0(centered ? m.mean : 0.0);
-        const double row_var = from_lane0(m.m2 / static_cast<double>(count));
+        const double row_var = from_lane0(m.m2 / static_cast<double>(row.count));
         if (lane == 0) {
-            mean[row] = row_mean;
-            var[row] = row_var;
+            mean[r] = row_mean;
+            var[r] = row_var;
         }
-        const SplitMean<A> mu(row_mean);
-        const double rstd = inverse_std(row_var, eps);
-        for (index_t i = lane; i < count; i += 32) {
-            const index_t k = i / inner, s = i % inner, p = g * channels + k;
-            const A a = static_cast<A>(rstd * weight[p]), b = static_cast<A>(bias[p]);
-            y[ys.at(n, g, k, s)] = from_compute<T>(mu.centre(to_compute(x[xs.at(n, g, k, s)])) * a + b);
-        }
+        normalize_row(x, xs, y, ys, row, row_mean, inverse_std(row_var, eps), weight, bias);
     }
 }
 
@@ -162,30 +182,16 @@ template <typename T, bool TRAINED> __global__ void __launch_bounds__(MAX_BLOCK,
     const RowStrides xs = ROW_STRIDES(xs);
     const RowStrides dxs = ROW_STRIDES(dxs);
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    const index_t count = channels * inner;
-    for (index_t row = blockIdx.x * static_cast<index_t>(warps) + threadIdx.x / 32; row < samples * groups;
-         row += static_cast<index_t>(gridDim.x) * warps) {
-        const index_t n = row / groups, g = row % groups;
-        const double mu = mean[row], r = rstd[row];
+    for (index_t r = blockIdx.x * static_cast<index_t>(warps) + threadIdx.x / 32; r < samples * groups;
+         r += static_cast<index_t>(gridDim.x) * warps) {
+        const Row row{r / groups, r % groups, channels, inner, channels * inner, lane, 32};
         double a = 0.0, p = 0.0;
         if (TRAINED) {
-            SumPair sums{0, 0};
-            for (index_t i = lane; i < count; i += 32) {
-                const index_t k = i / inner, s = i % inner;
-                const double wd = weight[g * channels + k] * to_double(dy[dys.at(n, g, k, s)]);
-                sums.dy += wd;
-                sums.dy_xmu += wd * ((to_double(x[xs.at(n, g, k, s)]) - mu) * r);
-            }
-            sums = warp_reduce(sums);
-            a = centered ? from_lane0(sums.dy) / static_cast<double>(count) : 0.0;
-            p = from_lane0(sums.dy_xmu) / static_cast<double>(count);
+            const SumPair sums = warp_reduce(row_gradient_sums(dy, dys, x, xs, row, mean[r], rstd[r], weight));
+            a = centered ? from_lane0(sums.dy) / static_cast<double>(row.count) : 0.0;
+            p = from_lane0(sums.dy_xmu) / static_cast<double>(row.count);
         }
-        for (index_t i = lane; i < count; i += 32) {
-            const index_t k = i / inner, s = i % inner;
-            const double x_hat = TRAINED ? (to_double(x[xs.at(n, g, k, s)]) - mu) * r : 0.0;
-            const double d = to_double(dy[dys.at(n, g, k, s)]);
-            dx[dxs.at(n, g, k, s)] = from_double<T>((weight[g * channels + k] * d - a - x_hat * p) * r);
-        }
+        row_gradient<T, TRAINED>(dy, dys, x, xs, dx, dxs, row, mean[r], rstd[r], weight, a, p);
     }
 }
 
