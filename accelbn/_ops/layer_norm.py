@@ -27,7 +27,7 @@ def _normalized_shape(normalized_shape):
 
 def _rows(x, normalized_shape):
     shape = _normalized_shape(normalized_shape)
-    if x.shape[x.ndim - len(shape):] != shape or x.ndim < len(shape):
+    if x.ndim < len(shape) or x.shape[x.ndim - len(shape) :] != shape:
         raise ValueError(f"normalized_shape {shape} must match the last dimensions of x, whose shape is {x.shape}")
     return Rows(groups=1, channels=math.prod(shape), inner=1, stats_shape=x.shape[: x.ndim - len(shape)]), shape
 
