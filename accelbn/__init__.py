@@ -27,6 +27,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "backends")) and _os.path.isfil
 
 from accelbn._core.registry import available_backends  # noqa: E402
 from accelbn._ops.batch_norm import BatchNorm, BatchStats, batch_norm, batch_norm_backward  # noqa: E402
+from accelbn._ops.fold import fold_batch_norm  # noqa: E402
 from accelbn._ops.group_norm import (  # noqa: E402
     GroupNorm,
     InstanceNorm,
@@ -58,6 +59,7 @@ __all__ = [
     "available_backends",
     "batch_norm",
     "batch_norm_backward",
+    "fold_batch_norm",
     "group_norm",
     "group_norm_backward",
     "instance_norm",
