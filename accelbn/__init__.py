@@ -26,7 +26,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "backends")) and _os.path.isfil
     __path__.append(_checkout)
 
 from accelbn._core.registry import available_backends  # noqa: E402
-from accelbn._ops.batch_norm import BatchNorm, BatchStats, batch_norm, batch_norm_backward  # noqa: E402
+from accelbn._ops.batch_norm import BatchNorm, BatchStats, FrozenBatchNorm, batch_norm, batch_norm_backward  # noqa: E402
 from accelbn._ops.fold import fold_batch_norm  # noqa: E402
 from accelbn._ops.group_norm import (  # noqa: E402
     GroupNorm,
@@ -51,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "BatchStats",
+    "FrozenBatchNorm",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",

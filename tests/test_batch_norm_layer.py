@@ -156,3 +156,34 @@ def test_layer_backend_is_checked_when_built_and_when_called():
         layer(random_array((4, 3)))
     assert layer.num_batches_tracked == 0
     np.testing.assert_array_equal(layer.running_mean, 0)
+
+
+def _torchvision_frozen_batch_norm(x, state, eps):
+    """torchvision.ops.FrozenBatchNorm2d.forward, written out (torchvision is not a test dependency)."""
+    scale = state["weight"] * (state["running_var"] + eps) ** -0.5
+    shift = state["bias"] - state["running_mean"] * scale
+    return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+def test_frozen_batch_norm_loads_torchvision_state_and_never_updates():
+    rng = np.random.default_rng(0)
+    state = {"weight": rng.uniform(0.5, 1.5, 4), "bias": rng.standard_normal(4),
+             "running_mean": rng.standard_normal(4), "running_var": rng.uniform(0.5, 2, 4)}
+    layer = abn.FrozenBatchNorm(4, dtype=np.float64)
+    assert list(layer.state_dict()) == ["weight", "bias", "running_mean", "running_var"]
+    layer.load_state_dict(state)
+    x = random_array((3, 4, 5, 5), np.float64, loc=2.0)
+    dy = random_array((3, 4, 5, 5), np.float64, seed=1)
+    for training in (True, False):
+        layer.train(training)
+        y = layer(x)
+        np.testing.assert_allclose(y, _torchvision_frozen_batch_norm(x, state, 1e-5), rtol=1e-12, atol=1e-12)
+        dx = layer.backward(dy)
+        np.testing.assert_allclose(dx, dy * (state["weight"] / np.sqrt(state["running_var"] + 1e-5)).reshape(1, -1, 1, 1),
+                                   rtol=1e-12)
+        xhat = (x - state["running_mean"].reshape(1, -1, 1, 1)) / np.sqrt(state["running_var"] + 1e-5).reshape(1, -1, 1, 1)
+        np.testing.assert_allclose(layer.grad_weight, (dy * xhat).sum(axis=(0, 2, 3)), rtol=1e-12)
+        for name, value in state.items():
+            np.testing.assert_array_equal(getattr(layer, name), value)  # nothing updated
+    with pytest.raises(ValueError, match="x has 3 channels on axis 1, but this layer has 4"):
+        layer(random_array((2, 3, 4, 4)))

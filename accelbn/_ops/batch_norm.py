@@ -265,3 +265,48 @@ class BatchNorm(Layer):
     def _backward(self, dy, x, stats, use_batch_stats):
         return batch_norm_backward(dy, x, stats, self.weight, training=use_batch_stats, axis=self.axis, backend=self.backend)
 
+
+
+class FrozenBatchNorm(Layer):
+    """Batch normalization with frozen statistics and affine parameters, like torchvision's
+    ``FrozenBatchNorm2d`` (detection models): in train and eval alike, y = (x - running_mean) /
+    sqrt(running_var + eps) * weight + bias; nothing is updated, and the backward treats the
+    statistics as constants (dx = dy * weight / sqrt(running_var + eps)). Loads torchvision's state
+    dicts: ``weight``, ``bias``, ``running_mean`` and ``running_var``."""
+
+    _ARRAYS = ("weight", "bias", "running_mean", "running_var")
+
+    def __init__(self, num_features, eps=1e-5, *, axis=1, dtype=np.float32, backend=None):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        self.num_features = int(num_features)
+        self.eps = checks.real_number(eps, "eps", minimum=0.0)
+        if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        self.axis = int(axis)
+        dtype = np.dtype(dtype)
+        if not checks.is_float_dtype(dtype):
+            raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+        self.dtype = dtype
+        self.weight = np.ones(self.num_features, dtype)
+        self.bias = np.zeros(self.num_features, dtype)
+        self.running_mean = np.zeros(self.num_features, dtype)
+        self.running_var = np.ones(self.num_features, dtype)
+        super().__init__(backend)
+
+    def __repr__(self):
+        return f"FrozenBatchNorm({self.num_features}, eps={self.eps}, axis={self.axis}, dtype={self.dtype.name})"
+
+    def forward(self, x):
+        """Normalize x with the running statistics, in train mode too."""
+        self._check_library(x)
+        channels = x.shape[checks.channel_axis(x, self.axis)]
+        if channels != self.num_features:
+            raise ValueError(f"x has {channels} channels on axis {self.axis}, but this layer has {self.num_features}")
+        y, stats = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps,
+                              axis=self.axis, return_stats=True, backend=self.backend)
+        self._save(x, stats)
+        return y
+
+    def _backward(self, dy, x, stats):
+        return batch_norm_backward(dy, x, stats, self.weight, training=False, axis=self.axis, backend=self.backend)
