@@ -49,6 +49,12 @@ def _writeable(a):
     return getattr(a.flags, "writeable", True)  # CuPy arrays are always writable
 
 
+def updated_in_place(a, name):
+    """An array the call writes into (running statistics): it must be writable."""
+    if a is not None and not _writeable(a):
+        raise ValueError(f"{name} is read-only, but it is updated in place when training")
+
+
 def float_input(x, axis, library):
     """Check that ``x`` is a float array of ``library`` with a channel axis ``axis``; the axis in
     [0, x.ndim)."""
@@ -74,8 +80,8 @@ def channel_vector(v, name, channels, library, writable=False):
     float_array(v, name, library)
     if v.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) to match the channels of x, got {v.shape}")
-    if writable and not _writeable(v):
-        raise ValueError(f"{name} is read-only, but it is updated in place when training")
+    if writable:
+        updated_in_place(v, name)
 
 
 def same_shape_and_dtype(a, name, x):
@@ -120,6 +126,28 @@ def distinct_buffers(a, a_name, b, b_name):
     """Two arrays that are both written must not share memory."""
     if a is not None and b is not None and _shares_memory(a, b):
         raise ValueError(f"{a_name} and {b_name} share memory; pass separate arrays")
+
+
+def positive_int(value, name):
+    """A positive int (not a bool), such as a channel or group count."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def integer(value, name):
+    """An int (not a bool), such as a layer's channel axis before it meets an x."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def float_dtype(dtype):
+    """A layer's parameter dtype: float16, bfloat16, float32 or float64."""
+    dtype = np.dtype(dtype)
+    if not is_float_dtype(dtype):
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+    return dtype
 
 
 def boolean(value, name):

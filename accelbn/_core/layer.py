@@ -76,6 +76,13 @@ class Layer:
             )
         return library
 
+    def _check_input(self, x, axis, channels):
+        """:meth:`_check_library`, and x's length on ``axis`` must be the layer's ``channels``."""
+        self._check_library(x)
+        found = x.shape[checks.channel_axis(x, axis)]
+        if found != channels:
+            raise ValueError(f"x has {found} channels on axis {axis}, but this layer has {channels}")
+
     def _save(self, *saved):
         self._saved = saved
 

@@ -3,7 +3,6 @@ the kernels, compute the per-channel numbers (momentum blend, unbiased correctio
 weight and bias) and hand arrays to exactly one backend; ``BatchNorm`` is the layer on top."""
 
 import math
-import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -199,21 +198,15 @@ class BatchNorm(Layer):
         bias=True,
         backend=None,
     ):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        num_features = checks.positive_int(num_features, "num_features")
         self.eps = checks.real_number(eps, "eps", minimum=0.0)
         self.momentum = None if momentum is None else checks.real_number(momentum, "momentum")
         self.affine = checks.boolean(affine, "affine")
         self.track_running_stats = checks.boolean(track_running_stats, "track_running_stats")
         has_bias = checks.boolean(bias, "bias") and self.affine
-        if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-        self.axis = int(axis)
-        dtype = np.dtype(dtype)
-        if not checks.is_float_dtype(dtype):
-            raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
-        self.num_features = int(num_features)
-        self.dtype = dtype
+        self.axis = checks.integer(axis, "axis")
+        self.dtype = dtype = checks.float_dtype(dtype)
+        self.num_features = num_features
         self.weight = np.ones(num_features, dtype) if affine else None
         self.bias = np.zeros(num_features, dtype) if has_bias else None
         if track_running_stats:
@@ -235,10 +228,7 @@ class BatchNorm(Layer):
 
     def forward(self, x):
         """Normalize x; in training, update the running statistics when they are tracked."""
-        self._check_library(x)
-        channels = x.shape[checks.channel_axis(x, self.axis)]
-        if channels != self.num_features:
-            raise ValueError(f"x has {channels} channels on axis {self.axis}, but this layer has {self.num_features}")
+        self._check_input(x, self.axis, self.num_features)
         updates_running = self.training and self.track_running_stats
         momentum = self.momentum
         if momentum is None:  # a cumulative average over the batches seen, this one included
@@ -266,7 +256,6 @@ class BatchNorm(Layer):
         return batch_norm_backward(dy, x, stats, self.weight, training=use_batch_stats, axis=self.axis, backend=self.backend)
 
 
-
 class FrozenBatchNorm(Layer):
     """Batch normalization with frozen statistics and affine parameters, like torchvision's
     ``FrozenBatchNorm2d`` (detection models): in train and eval alike, y = (x - running_mean) /
@@ -277,17 +266,10 @@ class FrozenBatchNorm(Layer):
     _ARRAYS = ("weight", "bias", "running_mean", "running_var")
 
     def __init__(self, num_features, eps=1e-5, *, axis=1, dtype=np.float32, backend=None):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        self.num_features = int(num_features)
+        self.num_features = checks.positive_int(num_features, "num_features")
         self.eps = checks.real_number(eps, "eps", minimum=0.0)
-        if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-        self.axis = int(axis)
-        dtype = np.dtype(dtype)
-        if not checks.is_float_dtype(dtype):
-            raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
-        self.dtype = dtype
+        self.axis = checks.integer(axis, "axis")
+        self.dtype = dtype = checks.float_dtype(dtype)
         self.weight = np.ones(self.num_features, dtype)
         self.bias = np.zeros(self.num_features, dtype)
         self.running_mean = np.zeros(self.num_features, dtype)
@@ -299,10 +281,7 @@ class FrozenBatchNorm(Layer):
 
     def forward(self, x):
         """Normalize x with the running statistics, in train mode too."""
-        self._check_library(x)
-        channels = x.shape[checks.channel_axis(x, self.axis)]
-        if channels != self.num_features:
-            raise ValueError(f"x has {channels} channels on axis {self.axis}, but this layer has {self.num_features}")
+        self._check_input(x, self.axis, self.num_features)
         y, stats = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps,
                               axis=self.axis, return_stats=True, backend=self.backend)
         self._save(x, stats)

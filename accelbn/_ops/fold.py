@@ -2,7 +2,6 @@
 follows it folded in, for inference, as ``torch.nn.utils.fusion.fuse_conv_bn_weights`` and
 ``fuse_linear_bn_weights`` compute them (in float64, rounded once to the weights' dtype)."""
 
-import numbers
 
 import numpy as np
 
@@ -43,8 +42,7 @@ def fold_batch_norm(weight, bias, bn, *, eps=None, transpose=False, groups=1):
     library = checks.array_library(weight, "weight")
     checks.float_array(weight, "weight", library)
     transpose = checks.boolean(transpose, "transpose")
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = checks.positive_int(groups, "groups")
     eps = checks.real_number(eps, "eps", minimum=0.0)
     if weight.ndim < 2:
         raise ValueError(f"weight must have at least 2 dimensions (out and in channels), got shape {weight.shape}")

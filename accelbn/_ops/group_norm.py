@@ -3,7 +3,6 @@ channel a group), as ``torch.nn.functional.group_norm`` and ``instance_norm``, o
 ``axis`` (1, or -1 for channels-last); ``GroupNorm`` and ``InstanceNorm`` are the layers."""
 
 import math
-import numbers
 
 import numpy as np
 
@@ -16,12 +15,6 @@ from accelbn._ops.batch_norm import batch_norm
 from accelbn._ops.layer_norm import layer_dtype
 from accelbn._ops.row_norm import Rows, Stats
 from accelbn.backends.formulas import running_average
-
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _grouped_rows(x, axis, groups):
@@ -44,7 +37,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, retur
 
     Returns y, or ``(y, Stats)`` with ``stats.mean`` and ``stats.invstd`` of shape (N, num_groups)."""
     library, kernels = row_norm.check_input(x, backend, min_ndim=2)
-    rows = _grouped_rows(x, axis, _positive_int(num_groups, "num_groups"))
+    rows = _grouped_rows(x, axis, checks.positive_int(num_groups, "num_groups"))
     channels = rows.groups * rows.channels
     row_norm.check_parameters(library, x, [("weight", weight), ("bias", bias)], (channels,))
     eps = checks.real_number(eps, "eps", minimum=0.0)
@@ -54,7 +47,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, retur
 def group_norm_backward(dy, x, stats, num_groups, weight=None, *, axis=1, out=None, backend=None):
     """Gradients of :func:`group_norm`: ``(dx, dweight, dbias)``, per channel."""
     library, kernels = row_norm.check_input(x, backend, min_ndim=2)
-    rows = _grouped_rows(x, axis, _positive_int(num_groups, "num_groups"))
+    rows = _grouped_rows(x, axis, checks.positive_int(num_groups, "num_groups"))
     row_norm.check_parameters(library, x, [("weight", weight)], (rows.groups * rows.channels,))
     row_norm.check_stats(stats, rows, library, centered=True)
     return row_norm.backward(dy, x, stats, rows, kernels, library, weight, True, True, out)
@@ -103,8 +96,7 @@ def instance_norm(
     if rows.inner <= 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {x.shape}")
     for name, a in named[2:]:
-        if a is not None and not getattr(a.flags, "writeable", True):
-            raise ValueError(f"{name} is read-only, but it is updated in place when training")
+        checks.updated_in_place(a, name)
     checks.distinct_buffers(running_mean, "running_mean", running_var, "running_var")
     result, mean, var = row_norm.forward(x, rows, kernels, library, weight, bias, eps, True, out, return_stats)
     if running_mean is not None and x.size:
@@ -147,14 +139,14 @@ class GroupNorm(Layer):
     _ARRAYS = ("weight", "bias")
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=None, *, bias=True, axis=1, backend=None):
-        self.num_groups = _positive_int(num_groups, "num_groups")
-        self.num_channels = _positive_int(num_channels, "num_channels")
+        self.num_groups = checks.positive_int(num_groups, "num_groups")
+        self.num_channels = checks.positive_int(num_channels, "num_channels")
         if self.num_channels % self.num_groups:
             raise ValueError(f"num_channels={num_channels} must be divisible by num_groups={num_groups}")
         self.eps = checks.real_number(eps, "eps", minimum=0.0)
         self.affine = checks.boolean(affine, "affine")
         has_bias = checks.boolean(bias, "bias") and self.affine
-        self.axis = _axis(axis)
+        self.axis = checks.integer(axis, "axis")
         self.dtype = layer_dtype(dtype)
         self.weight = np.ones(self.num_channels, self.dtype) if self.affine else None
         self.bias = np.zeros(self.num_channels, self.dtype) if has_bias else None
@@ -163,10 +155,8 @@ class GroupNorm(Layer):
     def __repr__(self):
         return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine})"
 
-
     def forward(self, x):
-        self._check_library(x)
-        _check_channels(x, self.axis, self.num_channels)
+        self._check_input(x, self.axis, self.num_channels)
         y, stats = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, axis=self.axis, return_stats=True,
                               backend=self.backend)
         self._save(x, stats)
@@ -186,13 +176,13 @@ class InstanceNorm(Layer):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, dtype=None, *,
                  bias=True, axis=1, backend=None):
-        self.num_features = _positive_int(num_features, "num_features")
+        self.num_features = checks.positive_int(num_features, "num_features")
         self.eps = checks.real_number(eps, "eps", minimum=0.0)
         self.momentum = None if momentum is None else checks.real_number(momentum, "momentum")
         self.affine = checks.boolean(affine, "affine")
         self.track_running_stats = checks.boolean(track_running_stats, "track_running_stats")
         has_bias = checks.boolean(bias, "bias") and self.affine
-        self.axis = _axis(axis)
+        self.axis = checks.integer(axis, "axis")
         self.dtype = layer_dtype(dtype)
         self.weight = np.ones(self.num_features, self.dtype) if self.affine else None
         self.bias = np.zeros(self.num_features, self.dtype) if has_bias else None
@@ -208,10 +198,8 @@ class InstanceNorm(Layer):
         return (f"InstanceNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats})")
 
-
     def forward(self, x):
-        self._check_library(x)
-        _check_channels(x, self.axis, self.num_features)
+        self._check_input(x, self.axis, self.num_features)
         use_input_stats = self.training or not self.track_running_stats
         y, stats = instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                                  0.0 if self.momentum is None else self.momentum, self.eps, axis=self.axis,
@@ -222,15 +210,3 @@ class InstanceNorm(Layer):
     def _backward(self, dy, x, stats, use_input_stats):
         return instance_norm_backward(dy, x, stats, self.weight, use_input_stats=use_input_stats, axis=self.axis,
                                       backend=self.backend)
-
-
-def _axis(axis):
-    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-    return int(axis)
-
-
-def _check_channels(x, axis, expected):
-    channels = x.shape[checks.channel_axis(x, axis)]
-    if channels != expected:
-        raise ValueError(f"x has {channels} channels on axis {axis}, but this layer has {expected}")

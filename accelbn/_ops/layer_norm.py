@@ -89,10 +89,7 @@ def rms_norm_backward(dy, x, stats, normalized_shape, weight=None, *, out=None, 
 
 def layer_dtype(dtype):
     """A layer's parameter dtype: float32 for None, as torch's default."""
-    dtype = np.dtype(np.float32 if dtype is None else dtype)
-    if not checks.is_float_dtype(dtype):
-        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
-    return dtype
+    return checks.float_dtype(np.float32 if dtype is None else dtype)
 
 
 class LayerNorm(Layer):
@@ -114,7 +111,6 @@ class LayerNorm(Layer):
 
     def __repr__(self):
         return f"LayerNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine})"
-
 
     def forward(self, x):
         self._check_library(x)
@@ -144,7 +140,6 @@ class RMSNorm(Layer):
 
     def __repr__(self):
         return f"RMSNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine})"
-
 
     def forward(self, x):
         self._check_library(x)
