@@ -32,3 +32,20 @@ def gradient_factors(mean_dy, k, scale):
 def running_average(running, batch, momentum):
     """The running-statistics update: (1 - momentum) * running + momentum * batch, in float64."""
     return (1.0 - momentum) * running.astype(np.float64) + momentum * batch
+
+
+def renorm_correction(mean, var, eps, renorm_mean, renorm_std, rmin, rmax, dmax):
+    """Batch Renormalization's ``(r, d)``: the batch's std and mean against the moving ones, as
+    Keras computes them. r = sqrt(var + eps) / std' clipped to [rmin, rmax] and d = (mean -
+    renorm_mean) / std' clipped to [-dmax, dmax], where std' = max(renorm_std, sqrt(eps)) keeps an
+    early moving std from dividing by almost nothing."""
+    std = np.maximum(renorm_std, np.sqrt(eps))
+    r = np.minimum(np.maximum(np.sqrt(var + eps) / std, rmin), rmax)
+    d = np.minimum(np.maximum((mean - renorm_mean) / std, -dmax), dmax)
+    return r, d
+
+
+def renorm_affine(mean, var, eps, weight, bias, r, d):
+    """The scale and shift that normalize x with its batch statistics and then correct by r and d:
+    ((x - mean) / sqrt(var + eps) * r + d) * weight + bias = (x - mean) * scale + shift."""
+    return weight * r * (1.0 / np.sqrt(var + eps)), weight * d + bias

@@ -22,7 +22,7 @@ import numpy as np
 from accelbn.backends.numba_cpu import batch_norm_channels_first, batch_norm_channels_last, batch_norm_short_rows  # noqa: F401
 from accelbn.backends.numba_cpu import runtime, tiling
 from accelbn.backends.numba_cpu.reductions import merge_moments, sum_parts
-from accelbn.backends.numba_cpu.scalars import backward_coefficients, channel_scale, gradient_factors
+from accelbn.backends.numba_cpu.scalars import backward_coefficients, channel_affines, channel_scale, gradient_factors
 from accelbn.backends.numba_cpu.tiling import (
     SHORT_ROW,
     Target,
@@ -43,26 +43,41 @@ from accelbn.backends.numba_cpu.tiling import (
 STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def _prepared(z, like):
+    """The residual z as the kernels take it, laid out as :func:`.tiling.dense` or
+    :func:`.tiling.contiguous` lays out ``like`` (x); None stays None."""
+    if z is None:
+        return None
+    z = contiguous(z) if like.shape[2] == 1 else dense(z)
+    return planes(z) if short_rows(like) else z
+
+
 @runtime.entry
-def forward_train(kernels, x, weight, bias, eps, y):
-    """Normalize ``x`` with its own statistics into ``y``; return the per-channel mean and biased var."""
+def forward_train(kernels, x, weight, bias, eps, y, renorm=None, residual=None, relu=False):
+    """Normalize ``x`` with its own statistics into ``y``; return the per-channel mean and biased var.
+
+    ``renorm`` (renorm_mean, renorm_std, rmin, rmax, dmax) applies Batch Renormalization's
+    correction; ``relu`` applies a ReLU to the output, after adding ``residual`` (like x) if given."""
     outer, channels, inner = x.shape
     mean = np.empty(channels)
     var = np.empty(channels)
+    eps, relu = float(eps), bool(relu)
     if inner > 1 and by_channel(x, kernels):
         target = Target(y)
         x, stream = dense(x), streams(y)
+        z = _prepared(residual, x)
         if short_rows(x):
             block = channel_block(x, True, kernels)
-            kernels.forward_train_by_block(planes(x), inner, block, weight, bias, float(eps), target.planes(), mean, var, stream)
+            kernels.forward_train_by_block(planes(x), inner, block, weight, bias, eps, renorm, target.planes(), z, relu, mean, var, stream)
         else:
-            kernels.forward_train_by_channel(x, weight, bias, float(eps), target.array, mean, var, stream)
+            kernels.forward_train_by_channel(x, weight, bias, eps, renorm, target.array, z, relu, mean, var, stream)
         target.finish()
         return mean, var
     if inner == 1:
         target = Target(y)
         stream = streams(y)
-        kernels.forward_train_channels_last(contiguous(x), weight, bias, float(eps), target.array, mean, var, stream)
+        z = _prepared(residual, x)
+        kernels.forward_train_channels_last(contiguous(x), weight, bias, eps, renorm, target.array, z, relu, mean, var, stream)
         target.finish()
         return mean, var
     x = dense(x)
@@ -75,30 +90,52 @@ def forward_train(kernels, x, weight, bias, eps, y):
     else:
         kernels.chunk_moments_all(x, count, part_mean, part_m2)
     merge_moments(count, part_mean, part_m2, mean, var)
-    _normalize(kernels, x, mean, channel_scale(var, weight, float(eps)), bias, y)
+    _normalize(kernels, x, mean, *channel_affines(mean, var, weight, bias, eps, renorm), y, residual, relu)
     return mean, var
 
 
-def _normalize(kernels, x, mean, scale, shift, y):
+def _normalize(kernels, x, mean, scale, shift, y, residual=None, relu=False):
     inner = x.shape[2]
     target = Target(y)
     stream = streams(y)
     if inner == 1:
-        kernels.normalize_channels_last(contiguous(x), mean, scale, shift, target.array, stream)
+        z = _prepared(residual, x)
+        kernels.normalize_channels_last(contiguous(x), mean, scale, shift, target.array, z, relu, stream)
     else:
         x = dense(x)
+        z = _prepared(residual, x)
         if short_rows(x):
             block = channel_block(x, False, kernels)
-            kernels.normalize_blocks(planes(x), inner, block, row_groups(x, block, kernels), mean, scale, shift, target.planes(), stream)
+            kernels.normalize_blocks(planes(x), inner, block, row_groups(x, block, kernels), mean, scale, shift, target.planes(), z, relu, stream)
         else:
-            kernels.normalize_channels_first(x, mean, scale, shift, target.array, segment_tasks(x, kernels), stream)
+            kernels.normalize_channels_first(x, mean, scale, shift, target.array, z, relu, segment_tasks(x, kernels), stream)
     target.finish()
 
 
 @runtime.entry
-def normalize(kernels, x, mean, var, weight, bias, eps, y):
-    """y = (x - mean) * weight / sqrt(var + eps) + bias per channel: the eval forward."""
-    _normalize(kernels, x, mean, channel_scale(var, weight, float(eps)), bias, y)
+def normalize(kernels, x, mean, var, weight, bias, eps, y, residual=None, relu=False):
+    """y = (x - mean) * weight / sqrt(var + eps) + bias per channel: the eval forward (then the
+    residual and ReLU as in :func:`forward_train`)."""
+    _normalize(kernels, x, mean, channel_scale(var, weight, float(eps)), bias, y, residual, bool(relu))
+
+
+@runtime.entry
+def relu_gradient(kernels, dy, x, mean, scale, shift, residual, g):
+    """g = dy where the forward's ReLU passed its input, else 0: that input recomputed from x (and
+    the residual) with the forward's per-channel ``scale`` and ``shift``, bit for bit."""
+    inner = x.shape[2]
+    target = Target(g)
+    if inner == 1:
+        kernels.relu_gradient_channels_last(contiguous(dy), contiguous(x), _prepared(residual, x), mean, scale, shift, target.array)
+    else:
+        dy, x = dense(dy), dense(x)
+        z = _prepared(residual, x)
+        if short_rows(x):
+            block = channel_block(x, False, kernels)
+            kernels.relu_gradient_blocks(planes(dy), planes(x), z, inner, block, row_groups(x, block, kernels), mean, scale, shift, target.planes())
+        else:
+            kernels.relu_gradient_channels_first(dy, x, z, mean, scale, shift, target.array, segment_tasks(x, kernels))
+    target.finish()
 
 
 @runtime.entry
@@ -157,7 +194,8 @@ def precompile(dtype, serial):
     """Compile, or load from Numba's cache, every kernel that the entry points can call on C-ordered
     ``dtype`` arrays: each layout family (long rows, short rows, channels-last), each path (fused
     per channel or block, and chunked), train, eval and both backwards, with the serial or the
-    parallel kernels. Views in other memory orders compile their own variants on first use.
+    parallel kernels, Batch Renormalization's and the fused ReLU's included. Views in other memory
+    orders compile their own variants on first use.
 
     The path thresholds are changed for the length of the call, so it is for a process of its own
     (``python -m accelbn compile``), not one that is running accelbn meanwhile."""
@@ -176,5 +214,10 @@ def precompile(dtype, serial):
                 normalize(x, mean, var, weight, zero, 1e-5, out)
                 for training in (True, False):
                     backward(x, x, mean, weight, weight, training, out)
+                renorm = (zero, weight, 0.5, 2.0, 1.0)
+                for residual in (None, x):
+                    forward_train(x, weight, zero, 1e-5, out, renorm, residual, True)
+                    normalize(x, mean, var, weight, zero, 1e-5, out, residual, True)
+                    relu_gradient(x, x, mean, weight, zero, residual, out)
     finally:
         tiling.CACHED_SLICE_BYTES, runtime.SERIAL_MAX_ELEMENTS = saved_slice, saved_serial

@@ -8,11 +8,11 @@ statistics and the element passes each run in parallel over all chunks or row se
 import numpy as np
 from numba import njit, prange
 
-from accelbn.backends.numba_cpu.elements import affine_params, write_affine, write_gradient
+from accelbn.backends.numba_cpu.elements import affine_params, row, write_affine, write_gradient, write_relu_gradient
 from accelbn.backends.numba_cpu.lines import store_fence, unit_stride
 from accelbn.backends.numba_cpu.reductions import chan_merge, gradient_sums, sum_shifted, sum_squared_deviations
 from accelbn.backends.numba_cpu.runtime import NESTED, kernel
-from accelbn.backends.numba_cpu.scalars import as_element, backward_coefficients, gradient_factors, inverse_std, split_mean
+from accelbn.backends.numba_cpu.scalars import as_element, backward_coefficients, channel_affine, gradient_factors, split_mean
 from accelbn.backends.numba_cpu.tiling import PREFETCH_CHUNK_BYTES, STATS_CHUNK, chunk_bounds, chunking, prefetch_chunk, segment, task_segments
 
 
@@ -50,7 +50,7 @@ def _chunk_gradient_sums(dy, x, c, mean, k, rows, segments):
 
 
 @kernel
-def _forward_train_by_channel(x, weight, bias, eps, y, mean, var, stream):
+def _forward_train_by_channel(x, weight, bias, eps, renorm, y, z, fused_relu, mean, var, stream):
     outer, channels, inner = x.shape
     rows, segments, chunks = chunking(outer, inner)
     for c in prange(channels):
@@ -61,9 +61,10 @@ def _forward_train_by_channel(x, weight, bias, eps, y, mean, var, stream):
         mean[c] = m
         var[c] = m2 / n
         hi, lo = split_mean(y, m)
-        params = (hi, lo, as_element(y, weight[c] * inverse_std(var[c], eps)), as_element(y, bias[c]))
+        scale, shift = channel_affine(c, m, var[c], weight, bias, eps, renorm)
+        params = (hi, lo, as_element(y, scale), as_element(y, shift))
         for r in range(outer - 1, -1, -1):
-            write_affine(x[r, c], 0, inner, params, 1, y[r, c], stream)
+            write_affine(x[r, c], 0, inner, params, 1, y[r, c], stream, row(z, r, c), fused_relu)
         if stream:
             store_fence()
 
@@ -121,16 +122,27 @@ def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu):
 
 
 @kernel
-def _normalize_channels_first(x, mean, scale, shift, y, tasks, stream):
-    """y = (x - mean) * scale + shift over the row segments."""
+def _normalize_channels_first(x, mean, scale, shift, y, z, fused_relu, tasks, stream):
+    """y = (x - mean) * scale + shift over the row segments (then the residual and ReLU, if fused)."""
     params = affine_params(y, mean, scale, shift)
     for t in prange(tasks):
         for u in task_segments(x, t, tasks):
             r, c, f0, f1 = segment(x, u)
             p = (params[0][c], params[1][c], params[2][c], params[3][c])
-            write_affine(x[r, c], f0, f1, p, 1, y[r, c], stream)
+            write_affine(x[r, c], f0, f1, p, 1, y[r, c], stream, row(z, r, c), fused_relu)
         if stream:
             store_fence()
+
+
+@kernel
+def _relu_gradient_channels_first(dy, x, z, mean, scale, shift, g, tasks):
+    """g = dy masked by the forward's ReLU (:func:`.elements.write_relu_gradient`) over the row segments."""
+    params = affine_params(g, mean, scale, shift)
+    for t in prange(tasks):
+        for u in task_segments(x, t, tasks):
+            r, c, f0, f1 = segment(x, u)
+            p = (params[0][c], params[1][c], params[2][c], params[3][c])
+            write_relu_gradient(dy[r, c], x[r, c], row(z, r, c), f0, f1, p, 1, g[r, c])
 
 
 @kernel

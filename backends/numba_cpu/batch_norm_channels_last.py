@@ -9,11 +9,11 @@ thousand elements, each further call from Python costs as much as the work. They
 import numpy as np
 from numba import njit, prange
 
-from accelbn.backends.numba_cpu.elements import affine_tables, line_tables, write_affine, write_gradient
+from accelbn.backends.numba_cpu.elements import affine_tables, flat, line_tables, write_affine, write_gradient, write_relu_gradient
 from accelbn.backends.numba_cpu.lines import store_fence
 from accelbn.backends.numba_cpu.reductions import gradient_columns, merge_moments, shifted_columns, squared_deviation_columns, sum_parts
 from accelbn.backends.numba_cpu.runtime import NESTED, OPTIONS, kernel
-from accelbn.backends.numba_cpu.scalars import all_finite, backward_coefficients, channel_scale, fill_zero, gradient_factors, split_mean
+from accelbn.backends.numba_cpu.scalars import all_finite, backward_coefficients, channel_affines, fill_zero, gradient_factors, split_mean
 from accelbn.backends.numba_cpu.tiling import STREAM_ROW_RUN, rows_per_block
 
 
@@ -77,7 +77,7 @@ def _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu):
 
 
 @kernel
-def _forward_train_channels_last(x3, weight, bias, eps, y3, mean, var, stream):
+def _forward_train_channels_last(x3, weight, bias, eps, renorm, y3, z3, fused_relu, mean, var, stream):
     rows, channels, _ = x3.shape
     x = x3.reshape(rows, channels)
     y = y3.reshape(-1)
@@ -92,27 +92,44 @@ def _forward_train_channels_last(x3, weight, bias, eps, y3, mean, var, stream):
         count[b] = r1 - r0
         _row_block_moments(x, r0, r1, part_mean[b], part_m2[b])
     merge_moments(count, part_mean, part_m2, mean, var)
-    tables = affine_tables(y, mean, channel_scale(var, weight, eps), bias)
-    flat = x.reshape(-1)
+    scale, shift = channel_affines(mean, var, weight, bias, eps, renorm)
+    tables = affine_tables(y, mean, scale, shift)
+    flat_x = x.reshape(-1)
+    z = flat(z3)
     block = block_rows * channels
     for b in prange(blocks):
-        write_affine(flat, b * block, min(b * block + block, flat.shape[0]), tables, channels, y, stream)
+        write_affine(flat_x, b * block, min(b * block + block, flat_x.shape[0]), tables, channels, y, stream, z, fused_relu)
         if stream:
             store_fence()
 
 
 @kernel
-def _normalize_channels_last(x3, mean, scale, shift, y3, stream):
+def _normalize_channels_last(x3, mean, scale, shift, y3, z3, fused_relu, stream):
     channels = mean.shape[0]
     block_rows = rows_per_block(channels)
     y = y3.reshape(-1)
     tables = affine_tables(y, mean, scale, shift)
-    flat = x3.reshape(-1)
+    flat_x = x3.reshape(-1)
+    z = flat(z3)
     block = block_rows * channels
-    for b in prange((flat.shape[0] + block - 1) // block):
-        write_affine(flat, b * block, min(b * block + block, flat.shape[0]), tables, channels, y, stream)
+    for b in prange((flat_x.shape[0] + block - 1) // block):
+        write_affine(flat_x, b * block, min(b * block + block, flat_x.shape[0]), tables, channels, y, stream, z, fused_relu)
         if stream:
             store_fence()
+
+
+@kernel
+def _relu_gradient_channels_last(dy3, x3, z3, mean, scale, shift, g3):
+    """g = dy masked by the forward's ReLU (:func:`.elements.write_relu_gradient`)."""
+    channels = mean.shape[0]
+    g = g3.reshape(-1)
+    tables = affine_tables(g, mean, scale, shift)
+    flat_dy = dy3.reshape(-1)
+    flat_x = x3.reshape(-1)
+    z = flat(z3)
+    block = rows_per_block(channels) * channels
+    for b in prange((flat_x.shape[0] + block - 1) // block):
+        write_relu_gradient(flat_dy, flat_x, z, b * block, min(b * block + block, flat_x.shape[0]), tables, channels, g)
 
 
 @kernel

@@ -4,11 +4,11 @@ on the dense array viewed as (outer, C * inner), in blocks of consecutive channe
 import numpy as np
 from numba import njit, prange
 
-from accelbn.backends.numba_cpu.elements import affine_params, spread, write_affine, write_gradient
+from accelbn.backends.numba_cpu.elements import affine_params, part, spread, write_affine, write_gradient, write_relu_gradient
 from accelbn.backends.numba_cpu.lines import store_fence
 from accelbn.backends.numba_cpu.reductions import chan_merge, gradient_columns, shifted_columns, squared_deviation_columns, vector_sum
 from accelbn.backends.numba_cpu.runtime import NESTED, kernel
-from accelbn.backends.numba_cpu.scalars import as_element, backward_coefficients, gradient_factors, inverse_std, split_mean
+from accelbn.backends.numba_cpu.scalars import as_element, backward_coefficients, channel_affine, gradient_factors, split_mean
 from accelbn.backends.numba_cpu.tiling import PREFETCH_ROWS, STREAM_ROW_RUN, chunking, prefetch_run
 
 
@@ -76,7 +76,7 @@ def _block_gradient_sums(dy, x, inner, c0, c1, r0, r1, mean, sum_dy, sum_dy_xmu)
 
 
 @kernel
-def _forward_train_by_block(x, inner, block, weight, bias, eps, y, mean, var, stream):
+def _forward_train_by_block(x, inner, block, weight, bias, eps, renorm, y, z, fused_relu, mean, var, stream):
     """:func:`_forward_train_by_channel` for short rows, one task per block of channels."""
     outer = x.shape[0]
     channels = x.shape[1] // inner
@@ -102,13 +102,14 @@ def _forward_train_by_block(x, inner, block, weight, bias, eps, y, mean, var, st
             mean[c] = m[c - c0]
             var[c] = m2[c - c0] / n
             hi[c - c0], lo[c - c0] = split_mean(y, mean[c])
-            scale[c - c0] = as_element(y, weight[c] * inverse_std(var[c], eps))
-            shift[c - c0] = as_element(y, bias[c])
+            scale_c, shift_c = channel_affine(c, mean[c], var[c], weight, bias, eps, renorm)
+            scale[c - c0] = as_element(y, scale_c)
+            shift[c - c0] = as_element(y, shift_c)
         tables = (spread(hi, inner), spread(lo, inner), spread(scale, inner), spread(shift, inner))
         j0 = c0 * inner
         j1 = c1 * inner
         for r in range(outer - 1, -1, -1):
-            write_affine(x[r, j0:j1], 0, j1 - j0, tables, j1 - j0, y[r, j0:j1], stream)
+            write_affine(x[r, j0:j1], 0, j1 - j0, tables, j1 - j0, y[r, j0:j1], stream, part(z, r, j0, j1), fused_relu)
         if stream:
             store_fence()
 
@@ -216,8 +217,8 @@ def _block_tables(params, c0, c1, inner):
 
 
 @kernel
-def _normalize_blocks(x, inner, block, groups, mean, scale, shift, y, stream):
-    """y = (x - mean) * scale + shift."""
+def _normalize_blocks(x, inner, block, groups, mean, scale, shift, y, z, fused_relu, stream):
+    """y = (x - mean) * scale + shift (then the residual and ReLU, if fused)."""
     params = affine_params(y, mean, scale, shift)
     blocks = (x.shape[1] // inner + block - 1) // block
     for t in prange(blocks * groups):
@@ -227,9 +228,23 @@ def _normalize_blocks(x, inner, block, groups, mean, scale, shift, y, stream):
         j1 = c1 * inner
         for r in range(r0, r1):
             prefetch_run(x, r + PREFETCH_ROWS, r1, j0, j1 - j0)
-            write_affine(x[r, j0:j1], 0, j1 - j0, tables, j1 - j0, y[r, j0:j1], stream)
+            write_affine(x[r, j0:j1], 0, j1 - j0, tables, j1 - j0, y[r, j0:j1], stream, part(z, r, j0, j1), fused_relu)
         if stream:
             store_fence()
+
+
+@kernel
+def _relu_gradient_blocks(dy, x, z, inner, block, groups, mean, scale, shift, g):
+    """g = dy masked by the forward's ReLU (:func:`.elements.write_relu_gradient`)."""
+    params = affine_params(g, mean, scale, shift)
+    blocks = (x.shape[1] // inner + block - 1) // block
+    for t in prange(blocks * groups):
+        c0, c1, r0, r1 = _block_task(x, inner, block, groups, t)
+        tables = _block_tables(params, c0, c1, inner)
+        j0 = c0 * inner
+        j1 = c1 * inner
+        for r in range(r0, r1):
+            write_relu_gradient(dy[r, j0:j1], x[r, j0:j1], part(z, r, j0, j1), 0, j1 - j0, tables, j1 - j0, g[r, j0:j1])
 
 
 @kernel

@@ -1,12 +1,14 @@
 """Element passes of the Numba kernels: ``y = ((x - mean_hi) - mean_lo) * scale + shift`` (the
-affine pass of a normalize) and ``dx = a * dy + b * (x - mean) + c`` (the training gradient), written
-over a span of unit-stride arrays a cache line at a time with SIMD (:mod:`.lines`), optionally with
-streaming stores, and the per-channel parameter tables they read."""
+affine pass of a normalize, optionally followed by a ReLU, or by adding a residual z and a ReLU) and
+``dx = a * dy + b * (x - mean) + c`` (the training gradient), written over a span of unit-stride
+arrays a cache line at a time with SIMD (:mod:`.lines`), optionally with streaming stores, and the
+per-channel parameter tables they read."""
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
-from accelbn.backends.numba_cpu.lines import LINE_BYTES, fma, line_kernel
+from accelbn.backends.numba_cpu.lines import LINE_BYTES, fma, line_kernel, relu
 from accelbn.backends.numba_cpu.runtime import NESTED, OPTIONS
 from accelbn.backends.numba_cpu.scalars import as_element, at, split_mean
 
@@ -22,6 +24,14 @@ def _affine(x, mean_hi, mean_lo, scale, shift):
     return ((x - mean_hi) - mean_lo) * scale + shift
 
 
+def _affine_relu(x, mean_hi, mean_lo, scale, shift):
+    return relu(_affine(x, mean_hi, mean_lo, scale, shift))
+
+
+def _affine_add_relu(x, z, mean_hi, mean_lo, scale, shift):
+    return relu(_affine(x, mean_hi, mean_lo, scale, shift) + z)
+
+
 def _gradient(dy, x, mean, a, b, c):
     return fma(x - mean, b, fma(dy, a, c))
 
@@ -30,6 +40,10 @@ _affine_element = njit(inline="always", error_model="numpy")(_affine)
 _gradient_element = njit(inline="always", error_model="numpy")(_gradient)
 _affine_line = line_kernel(_affine, nontemporal=False)
 _affine_line_streamed = line_kernel(_affine, nontemporal=True)
+_affine_relu_line = line_kernel(_affine_relu, nontemporal=False)
+_affine_relu_line_streamed = line_kernel(_affine_relu, nontemporal=True)
+_affine_add_relu_line = line_kernel(_affine_add_relu, nontemporal=False)
+_affine_add_relu_line_streamed = line_kernel(_affine_add_relu, nontemporal=True)
 _gradient_line = line_kernel(_gradient, nontemporal=False, wide=True)
 _gradient_line_streamed = line_kernel(_gradient, nontemporal=True, wide=True)
 
@@ -53,13 +67,37 @@ def _line_span(y, f0, f1, stream):
 
 
 @njit(**NESTED)
-def _affine_elements(x, f0, f1, params, period, y):
+def _affine_elements(x, z, f0, f1, params, period, y, fused_relu):
     c = f0 % period
     for f in range(f0, f1):
-        y[f] = _affine_element(x[f], at(params[0], c), at(params[1], c), at(params[2], c), at(params[3], c))
+        v = _affine_element(x[f], at(params[0], c), at(params[1], c), at(params[2], c), at(params[3], c))
+        if z is not None:
+            v = relu(v + z[f])
+        elif fused_relu:
+            v = relu(v)
+        y[f] = v
         c += 1
         if c == period:
             c = 0
+
+
+@njit(**NESTED)
+def _affine_line_at(y, f, x, z, params, c, stream, fused_relu):
+    """One line of :func:`write_affine`: the plain, ReLU or residual-and-ReLU formula."""
+    if z is not None:
+        if stream:
+            _affine_add_relu_line_streamed(y, f, (x, z), params, c)
+        else:
+            _affine_add_relu_line(y, f, (x, z), params, c)
+    elif fused_relu:
+        if stream:
+            _affine_relu_line_streamed(y, f, (x,), params, c)
+        else:
+            _affine_relu_line(y, f, (x,), params, c)
+    elif stream:
+        _affine_line_streamed(y, f, (x,), params, c)
+    else:
+        _affine_line(y, f, (x,), params, c)
 
 
 @njit(**NESTED)
@@ -80,21 +118,69 @@ def _gradient_elements(dy, x, f0, f1, params, period, dx):
 
 
 @njit(**NESTED)
-def write_affine(x, f0, f1, params, period, y, stream):
+def write_affine(x, f0, f1, params, period, y, stream, z=None, fused_relu=False):
+    """y[f0:f1] = the affine pass of x; then relu(y + z) where a residual ``z`` is given (an array
+    like x, or None), or relu(y) with ``fused_relu``."""
     a, e = _line_span(y, f0, f1, stream)
-    _affine_elements(x, f0, a, params, period, y)
+    _affine_elements(x, z, f0, a, params, period, y, fused_relu)
     line = LINE_BYTES // y.itemsize
     step = line % period
     c = a % period
     for f in range(a, e, line):
-        if stream:
-            _affine_line_streamed(y, f, (x,), params, c)
-        else:
-            _affine_line(y, f, (x,), params, c)
+        _affine_line_at(y, f, x, z, params, c, stream, fused_relu)
         c += step
         if c >= period:
             c -= period
-    _affine_elements(x, e, f1, params, period, y)
+    _affine_elements(x, z, e, f1, params, period, y, fused_relu)
+
+
+@njit(**NESTED)
+def write_relu_gradient(dy, x, z, f0, f1, params, period, g):
+    """g[f0:f1] = dy where the forward's ReLU passed its input, 0 where that input was <= 0 (as
+    torch's ``threshold_backward`` on the ReLU's output): the input recomputed from x (and the
+    residual z) with the forward's own parameters, so bit for bit the forward's."""
+    c = f0 % period
+    for f in range(f0, f1):
+        v = _affine_element(x[f], at(params[0], c), at(params[1], c), at(params[2], c), at(params[3], c))
+        if z is not None:
+            v = v + z[f]
+        g[f] = 0 if v <= 0 else dy[f]
+        c += 1
+        if c == period:
+            c = 0
+
+
+def part(a, i, j0, j1):
+    """``a[i, j0:j1]``, or None where ``a`` is None (an absent residual)."""
+
+
+@overload(part, inline="always")
+def _part_overload(a, i, j0, j1):
+    if isinstance(a, types.NoneType):
+        return lambda a, i, j0, j1: None
+    return lambda a, i, j0, j1: a[i, j0:j1]
+
+
+def row(a, r, c):
+    """``a[r, c]``, or None where ``a`` is None."""
+
+
+@overload(row, inline="always")
+def _row_overload(a, r, c):
+    if isinstance(a, types.NoneType):
+        return lambda a, r, c: None
+    return lambda a, r, c: a[r, c]
+
+
+def flat(a):
+    """``a.reshape(-1)``, or None where ``a`` is None."""
+
+
+@overload(flat, inline="always")
+def _flat_overload(a):
+    if isinstance(a, types.NoneType):
+        return lambda a: None
+    return lambda a: a.reshape(-1)
 
 
 @njit(**NESTED)

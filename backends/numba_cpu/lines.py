@@ -54,6 +54,11 @@ class _Vector:
     def fma(self, b, c):
         return _Vector(self.builder, _fused_multiply_add(self.builder, self.value, b.value, c.value))
 
+    def relu(self):
+        zero = ir.Constant(self.value.type, None)
+        negative = self.builder.fcmp_ordered("<", self.value, zero)
+        return _Vector(self.builder, self.builder.select(negative, zero, self.value))
+
 
 def _fused_multiply_add(builder, a, b, c):
     """LLVM's ``a * b + c`` rounded once, on floats or float vectors (an FMA instruction where the
@@ -91,6 +96,28 @@ def _fma_overload(a, b, c):
     if isinstance(a, types.Float) and a == b == c:
         return lambda a, b, c: _scalar_fma(a, b, c)
     return None
+
+
+def relu(v):
+    """``0 if v < 0 else v``, as torch's ReLU (NaN stays NaN), for formulas: on the vectors of
+    :func:`line_kernel`, and on float scalars in Numba code (same bits either way)."""
+    if not isinstance(v, _Vector):
+        raise TypeError("relu works in Numba code and in line_kernel formulas")
+    return v.relu()
+
+
+@overload(relu, inline="always")
+def _relu_overload(v):
+    if not isinstance(v, types.Float):
+        return None
+    kind = v
+
+    def impl(v):
+        if v < 0:
+            return kind(0)
+        return v
+
+    return impl
 
 
 class _LineVectors:

@@ -12,6 +12,29 @@ from accelbn.backends.numba_cpu.runtime import NESTED, OPTIONS
 inverse_std = njit(inline="always", error_model="numpy")(formulas.inverse_std)
 backward_coefficients = njit(inline="always", error_model="numpy")(formulas.backward_coefficients)
 gradient_factors = njit(inline="always", error_model="numpy")(formulas.gradient_factors)
+renorm_correction = njit(inline="always", error_model="numpy")(formulas.renorm_correction)
+renorm_affine = njit(inline="always", error_model="numpy")(formulas.renorm_affine)
+
+
+@njit(inline="always", error_model="numpy")
+def channel_affine(c, mean, var, weight, bias, eps, renorm):
+    """Channel c's (scale, shift), from its batch ``mean`` and ``var``: weight / sqrt(var + eps) and
+    bias, or Batch Renormalization's where ``renorm`` is (renorm_mean, renorm_std, rmin, rmax, dmax)."""
+    if renorm is None:
+        return weight[c] * inverse_std(var, eps), bias[c]
+    renorm_mean, renorm_std, rmin, rmax, dmax = renorm
+    r, d = renorm_correction(mean, var, eps, renorm_mean[c], renorm_std[c], rmin, rmax, dmax)
+    return renorm_affine(mean, var, eps, weight[c], bias[c], r, d)
+
+
+@njit(**OPTIONS)
+def channel_affines(mean, var, weight, bias, eps, renorm):
+    """:func:`channel_affine` for every channel: the (scale, shift) vectors."""
+    scale = np.empty_like(var)
+    shift = np.empty_like(var)
+    for c in range(var.shape[0]):
+        scale[c], shift[c] = channel_affine(c, mean[c], var[c], weight, bias, eps, renorm)
+    return scale, shift
 
 
 @njit(**OPTIONS)

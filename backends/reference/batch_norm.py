@@ -7,7 +7,7 @@ which shares no code with accelbn.
 
 import numpy as np
 
-from accelbn.backends.formulas import backward_coefficients, inverse_std
+from accelbn.backends.formulas import backward_coefficients, inverse_std, renorm_affine, renorm_correction
 
 # The dtypes the kernels read and write directly; the front converts anything else to float32.
 STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -26,18 +26,37 @@ def _channel_mean(x64):
     return (shift + (x64 - shift).mean(axis=_CHANNEL_SUM_AXES, keepdims=True))[0, :, 0]
 
 
-def forward_train(x, weight, bias, eps, y):
+def _write(y, value, residual, relu):
+    """y = value (+ residual, rounded as the fast backends round it), then the ReLU, if asked."""
+    if residual is not None:
+        value = value.astype(y.dtype) + residual
+    y[...] = np.where(value < 0, 0.0, value) if relu else value
+
+
+def forward_train(x, weight, bias, eps, y, renorm=None, residual=None, relu=False):
     x64 = x.astype(np.float64)
     mean = _channel_mean(x64)
     xmu = x64 - _per_channel(mean)
     var = (xmu * xmu).mean(axis=_CHANNEL_SUM_AXES)
-    y[...] = xmu * _per_channel(weight * inverse_std(var, eps)) + _per_channel(bias)
+    scale, shift = weight * inverse_std(var, eps), bias
+    if renorm is not None:
+        scale, shift = renorm_affine(mean, var, eps, weight, bias, *renorm_correction(mean, var, eps, *renorm))
+    _write(y, xmu * _per_channel(scale) + _per_channel(shift), residual, relu)
     return mean, var
 
 
-def normalize(x, mean, var, weight, bias, eps, y):
+def normalize(x, mean, var, weight, bias, eps, y, residual=None, relu=False):
     scale = weight * inverse_std(var, eps)
-    y[...] = (x.astype(np.float64) - _per_channel(mean)) * _per_channel(scale) + _per_channel(bias)
+    _write(y, (x.astype(np.float64) - _per_channel(mean)) * _per_channel(scale) + _per_channel(bias), residual, relu)
+
+
+def relu_gradient(dy, x, mean, scale, shift, residual, g):
+    """g = dy where the forward's ReLU passed its input (not <= 0), 0 elsewhere: the input
+    recomputed from x (and the residual) with the forward's per-channel ``scale`` and ``shift``."""
+    pre = (x.astype(np.float64) - _per_channel(mean)) * _per_channel(scale) + _per_channel(shift)
+    if residual is not None:
+        pre = pre.astype(x.dtype) + residual
+    g[...] = np.where(pre <= 0, 0.0, dy)
 
 
 def backward(dy, x, mean, invstd, weight, training, dx):
