@@ -27,7 +27,9 @@ if not _os.path.isdir(_os.path.join(__path__[0], "backends")) and _os.path.isfil
 
 from accelbn._core.registry import available_backends  # noqa: E402
 from accelbn._ops.batch_norm import BatchNorm, BatchStats, FrozenBatchNorm, batch_norm, batch_norm_backward  # noqa: E402
+from accelbn._ops.batch_renorm import BatchRenorm, Ramp, RenormStats, batch_renorm, batch_renorm_backward  # noqa: E402
 from accelbn._ops.fold import fold_batch_norm  # noqa: E402
+from accelbn._ops.fused import batch_norm_relu, batch_norm_relu_backward  # noqa: E402
 from accelbn._ops.group_norm import (  # noqa: E402
     GroupNorm,
     InstanceNorm,
@@ -50,16 +52,23 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "BatchStats",
     "FrozenBatchNorm",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
     "RMSNorm",
+    "Ramp",
+    "RenormStats",
     "Stats",
     "available_backends",
     "batch_norm",
     "batch_norm_backward",
+    "batch_norm_relu",
+    "batch_norm_relu_backward",
+    "batch_renorm",
+    "batch_renorm_backward",
     "fold_batch_norm",
     "group_norm",
     "group_norm_backward",

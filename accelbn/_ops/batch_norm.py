@@ -46,6 +46,7 @@ def batch_norm(
     axis=1,
     out=None,
     return_stats=False,
+    unbiased=True,
     backend=None,
 ):
     """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.
@@ -53,11 +54,20 @@ def batch_norm(
     ``axis`` is the channel axis (1 for NCHW-style and (N, C), -1 for channels-last). Training
     normalizes with the biased batch variance and, when running statistics are given, updates them
     in place: ``running = (1 - momentum) * running + momentum * batch``, with the unbiased variance
-    for ``running_var``. Eval normalizes with the running statistics.
+    for ``running_var`` (the biased one with ``unbiased=False``, as Keras, Flax and ONNX keep it).
+    Eval normalizes with the running statistics.
 
     Returns y (x's shape and dtype; ``out`` when given), or ``(y, BatchStats)`` with
     ``return_stats=True``.
     """
+    return forward(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out, return_stats,
+                   checks.boolean(unbiased, "unbiased"), backend)
+
+
+def forward(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out, return_stats, unbiased,
+            backend, residual=None, relu=False, exact_stats=False):
+    """:func:`batch_norm`, and with ``relu`` the fused ReLU (after adding ``residual``, when given);
+    ``exact_stats`` saves the statistics in float64, as the fused backward needs them."""
     library = checks.array_library(x, "x")
     kernels = kernels_for(backend, library, _OPERATION)
     axis = checks.float_input(x, axis, library)
@@ -80,37 +90,43 @@ def batch_norm(
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
     elif running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
-    checks.output_array(out, library, x, [("x", x)])
+    inputs = [("x", x)]
+    if residual is not None:
+        checks.float_array(residual, "residual", library)
+        checks.same_shape_and_dtype(residual, "residual", x)
+        inputs.append(("residual", residual))
+    checks.output_array(out, library, x, inputs)
     if library == CUPY:
         vectors = [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)]
-        checks.same_device(x, [*vectors, ("out", out)])
+        checks.same_device(x, [*vectors, ("residual", residual), ("out", out)])
 
     with device_of(x):
         xp = namespace(library)
         dtype = kernel_dtype(x.dtype, kernels)
         layout = views.channel_layout(x, axis)
         y = views.Output(x, out, layout, dtype)
+        z = None if residual is None else views.input3(residual, layout, dtype)
         weight64 = float64_or(xp, weight, channels, 1.0)
         bias64 = float64_or(xp, bias, channels, 0.0)
         if training and x.size == 0:  # PyTorch returns an empty y and leaves running stats alone
             mean = var = xp.full(channels, np.nan)
         elif training:
-            mean, var = kernels.forward_train(views.input3(x, layout, dtype), weight64, bias64, eps, y.view)
+            mean, var = kernels.forward_train(views.input3(x, layout, dtype), weight64, bias64, eps, y.view, None, z, relu)
             if running_mean is not None:
                 new_mean = running_average(running_mean, mean, momentum)
-                new_var = running_average(running_var, var * (count / (count - 1)), momentum)
+                new_var = running_average(running_var, var * (count / (count - 1)) if unbiased else var, momentum)
                 xp.copyto(running_mean, new_mean, casting="same_kind")
                 xp.copyto(running_var, new_var, casting="same_kind")
         else:
             mean = running_mean.astype(np.float64)
             var = running_var.astype(np.float64)
             if x.size:
-                kernels.normalize(views.input3(x, layout, dtype), mean, var, weight64, bias64, eps, y.view)
+                kernels.normalize(views.input3(x, layout, dtype), mean, var, weight64, bias64, eps, y.view, z, relu)
 
         result = y.result()
         if return_stats:
             invstd = inverse_std(var, eps)  # only the saved statistics need it
-            saved = stats_dtype(x.dtype)
+            saved = np.dtype(np.float64) if exact_stats else stats_dtype(x.dtype)
             return result, BatchStats(mean.astype(saved), invstd.astype(saved))
         return result
 
@@ -126,6 +142,21 @@ def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out
     sum(dy * x_hat) and dbias is sum(dy) per channel, in weight's dtype (or the stats dtype without
     a weight).
     """
+    dx, _, dweight, dbias = backward(dy, x, stats, weight, training, axis, out, backend)
+    return dx, *gradient_dtype(weight, x, dweight, dbias)
+
+
+def gradient_dtype(weight, x, *gradients):
+    """Parameter gradients in weight's dtype, or the stats dtype without a weight."""
+    dtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
+    return tuple(g.astype(dtype) for g in gradients)
+
+
+def backward(dy, x, stats, weight, training, axis, out, backend, relu=False, bias=None, residual=None, weight_scale=None):
+    """:func:`batch_norm_backward` with float64 parameter gradients; with ``relu`` the fused ReLU's,
+    its mask recomputed from x (and ``residual``) by the forward's own formula from ``bias`` and the
+    float64 stats, also returning the residual's gradient. ``weight_scale`` multiplies the weight in
+    dx (Batch Renormalization's r). Returns (dx, dresidual or None, dweight, dbias)."""
     library = checks.array_library(x, "x")
     kernels = kernels_for(backend, library, _OPERATION)
     axis = checks.float_input(x, axis, library)
@@ -138,10 +169,21 @@ def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out
     checks.channel_vector(stats.invstd, "stats.invstd", channels, library)
     checks.channel_vector(weight, "weight", channels, library)
     training = checks.boolean(training, "training")
-    checks.output_array(out, library, x, [("dy", dy), ("x", x)])
+    inputs = [("dy", dy), ("x", x)]
+    if relu:
+        checks.channel_vector(bias, "bias", channels, library)
+        for name, v in (("stats.mean", stats.mean), ("stats.invstd", stats.invstd)):
+            if v.dtype != np.float64:
+                raise TypeError(f"{name} must be float64, as batch_norm_relu(..., return_stats=True) saves it "
+                                f"(the ReLU's mask is recomputed from it bit for bit), got {v.dtype}")
+        if residual is not None:
+            checks.float_array(residual, "residual", library)
+            checks.same_shape_and_dtype(residual, "residual", x)
+            inputs.append(("residual", residual))
+    checks.output_array(out, library, x, inputs)
     if library == CUPY:
-        vectors = [("stats.mean", stats.mean), ("stats.invstd", stats.invstd), ("weight", weight)]
-        checks.same_device(x, [("dy", dy), *vectors, ("out", out)])
+        vectors = [("stats.mean", stats.mean), ("stats.invstd", stats.invstd), ("weight", weight), ("bias", bias)]
+        checks.same_device(x, [("dy", dy), *vectors, ("residual", residual), ("out", out)])
 
     with device_of(x):
         xp = namespace(library)
@@ -150,22 +192,23 @@ def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out
         dx = views.Output(x, out, layout, dtype)
         mean = stats.mean.astype(np.float64)
         invstd = stats.invstd.astype(np.float64)
+        weight64 = float64_or(xp, weight, channels, 1.0)
+        x3 = views.input3(x, layout, dtype)
+        dy3 = views.input3(dy, layout, dtype)
+        dz = None
+        if relu:  # the gradient past the ReLU goes to the residual's gradient, or to dx and is used in place
+            dz = views.Output(x, None, layout, dtype) if residual is not None else dx
+            if x.size:
+                z3 = None if residual is None else views.input3(residual, layout, dtype)
+                kernels.relu_gradient(dy3, x3, mean, weight64 * invstd, float64_or(xp, bias, channels, 0.0), z3, dz.view)
+            dy3 = dz.view
         if x.size:
-            sum_dy, sum_dy_xmu = kernels.backward(
-                views.input3(dy, layout, dtype),
-                views.input3(x, layout, dtype),
-                mean,
-                invstd,
-                float64_or(xp, weight, channels, 1.0),
-                training,
-                dx.view,
-            )
+            applied = weight64 if weight_scale is None else weight64 * weight_scale
+            sum_dy, sum_dy_xmu = kernels.backward(dy3, x3, mean, invstd, applied, training, dx.view)
         else:
             sum_dy = sum_dy_xmu = xp.zeros(channels)
-        grad_dtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
-        dweight = (sum_dy_xmu * invstd).astype(grad_dtype)
-        dbias = sum_dy.astype(grad_dtype)
-        return dx.result(), dweight, dbias
+        dresidual = dz.result() if residual is not None else None
+        return dx.result(), dresidual, sum_dy_xmu * invstd, sum_dy
 
 
 class BatchNorm(Layer):

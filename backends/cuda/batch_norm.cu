@@ -13,6 +13,35 @@
 
 namespace abn {
 
+// The normalize pass's epilogues, fused as cuDNN fuses them: none, a ReLU, or a residual added and then
+// a ReLU. Each step rounds to T, as the unfused chain rounds each of its outputs; the ReLU's backward
+// recomputes its input with the same functions, so its mask is the forward's bit for bit.
+enum Epilogue { PLAIN = 0, RELU = 1, ADD_RELU = 2 };
+
+template <typename T, int V, bool LOAD> __device__ __forceinline__ Pack<T, V> load_if(const T* p) {
+    if constexpr (LOAD) return load<T, V>(p);
+    return Pack<T, V>{};
+}
+
+// The normalize pass's value of one element, in the compute type: one function for the forward and
+// the ReLU's backward, so that both compile it alike.
+template <typename T, typename A> __device__ __forceinline__ A affine(const SplitMean<A>& mu, T x, A scale, A shift) {
+    return mu.centre(to_compute(x)) * scale + shift;
+}
+
+template <typename T, bool RESIDUAL> __device__ __forceinline__ T relu_input(typename Compute<T>::type pre, T z) {
+    T v = from_compute<T>(pre);
+    if constexpr (RESIDUAL) v = from_compute<T>(to_compute(v) + to_compute(z));
+    return v;
+}
+
+template <typename T, int E> __device__ __forceinline__ T finish(typename Compute<T>::type pre, T z) {
+    using A = typename Compute<T>::type;
+    const T v = relu_input<T, E == ADD_RELU>(pre, z);
+    if constexpr (E != PLAIN) return to_compute(v) < A(0) ? from_compute<T>(A(0)) : v;  // NaN stays NaN
+    return v;
+}
+
 // --- channels-first: (channel, tile) work items ----------------------------------------------------
 
 template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
@@ -37,12 +66,14 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
     }
 }
 
-template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
-    cf_normalize(const T* __restrict__ x, STRIDE_PARAMS(xs), T* __restrict__ y, STRIDE_PARAMS(ys), index_t outer,
-                 index_t channels, index_t inner, index_t tiles, index_t tile_vectors, const double* __restrict__ mean,
-                 const double* __restrict__ scale, const double* __restrict__ bias) {
+template <typename T, int V, int E> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cf_normalize(const T* __restrict__ x, STRIDE_PARAMS(xs), const T* __restrict__ z, STRIDE_PARAMS(zs),
+                 T* __restrict__ y, STRIDE_PARAMS(ys), index_t outer, index_t channels, index_t inner, index_t tiles,
+                 index_t tile_vectors, const double* __restrict__ mean, const double* __restrict__ scale,
+                 const double* __restrict__ bias) {
     using A = typename Compute<T>::type;
     const Strides xs = STRIDES(xs);
+    const Strides zs = STRIDES(zs);
     const Strides ys = STRIDES(ys);
     const index_t cols = inner / V, vectors = outer * cols, items = channels * tiles;
     for (index_t i = blockIdx.x; i < items; i += gridDim.x) {
@@ -52,8 +83,9 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
         Cursor at(tile.begin + threadIdx.x, blockDim.x, cols);
         for (index_t v = tile.begin + threadIdx.x; v < tile.end; v += blockDim.x, at.advance()) {
             Pack<T, V> p = load<T, V>(x + xs.at(at.row, tile.channel, at.col * V));
+            const Pack<T, V> r = load_if<T, V, E == ADD_RELU>(z + zs.at(at.row, tile.channel, at.col * V));
 #pragma unroll
-            for (int j = 0; j < V; ++j) p.v[j] = from_compute<T>(mu.centre(to_compute(p.v[j])) * a + b);
+            for (int j = 0; j < V; ++j) p.v[j] = finish<T, E>(affine(mu, p.v[j], a, b), r.v[j]);
             store<T, V>(y + ys.at(at.row, tile.channel, at.col * V), p);
         }
     }
@@ -105,11 +137,6 @@ template <bool TRAINING> struct GradientCoefficients {
     }
 };
 
-template <typename T, int V, bool TRAINING> __device__ __forceinline__ Pack<T, V> load_x(const T* p) {
-    if constexpr (TRAINING) return load<T, V>(p);
-    return Pack<T, V>{};
-}
-
 template <typename T, int V, bool TRAINING> __global__ void __launch_bounds__(MAX_BLOCK, 1)
     cf_gradient(const T* __restrict__ dy, STRIDE_PARAMS(dys), const T* __restrict__ x, STRIDE_PARAMS(xs),
                 T* __restrict__ dx, STRIDE_PARAMS(dxs), index_t outer, index_t channels, index_t inner, index_t tiles,
@@ -125,7 +152,7 @@ template <typename T, int V, bool TRAINING> __global__ void __launch_bounds__(MA
         Cursor at(tile.begin + threadIdx.x, blockDim.x, cols);
         for (index_t v = tile.begin + threadIdx.x; v < tile.end; v += blockDim.x, at.advance()) {
             Pack<T, V> g = load<T, V>(dy + dys.at(at.row, tile.channel, at.col * V));
-            const Pack<T, V> p = load_x<T, V, TRAINING>(x + xs.at(at.row, tile.channel, at.col * V));
+            const Pack<T, V> p = load_if<T, V, TRAINING>(x + xs.at(at.row, tile.channel, at.col * V));
 #pragma unroll
             for (int j = 0; j < V; ++j) g.v[j] = from_double<T>(grad(to_double(g.v[j]), to_double(p.v[j])));
             store<T, V>(dx + dxs.at(at.row, tile.channel, at.col * V), g);
@@ -177,12 +204,14 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
     }
 }
 
-template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
-    cl_normalize(const T* __restrict__ x, STRIDE_PARAMS(xs), T* __restrict__ y, STRIDE_PARAMS(ys), index_t rows,
-                 index_t channels, int lanes, index_t tile_rows, index_t row_tiles, const double* __restrict__ mean,
-                 const double* __restrict__ scale, const double* __restrict__ bias) {
+template <typename T, int V, int E> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cl_normalize(const T* __restrict__ x, STRIDE_PARAMS(xs), const T* __restrict__ z, STRIDE_PARAMS(zs),
+                 T* __restrict__ y, STRIDE_PARAMS(ys), index_t rows, index_t channels, int lanes, index_t tile_rows,
+                 index_t row_tiles, const double* __restrict__ mean, const double* __restrict__ scale,
+                 const double* __restrict__ bias) {
     using A = typename Compute<T>::type;
     const Strides xs = STRIDES(xs);
+    const Strides zs = STRIDES(zs);
     const Strides ys = STRIDES(ys);
     const index_t channel_blocks = (channels + lanes * V - 1) / (lanes * V), items = channel_blocks * row_tiles;
     const int lane = threadIdx.x % lanes, row0 = threadIdx.x / lanes, row_step = blockDim.x / lanes;
@@ -200,8 +229,9 @@ template <typename T, int V> __global__ void __launch_bounds__(MAX_BLOCK, 1)
         }
         for (index_t r = tile.row_begin + row0; r < tile.row_end; r += row_step) {
             Pack<T, V> p = load<T, V>(x + xs.at(r, c, 0));
+            const Pack<T, V> q = load_if<T, V, E == ADD_RELU>(z + zs.at(r, c, 0));
 #pragma unroll
-            for (int j = 0; j < V; ++j) p.v[j] = from_compute<T>(mu[j].centre(to_compute(p.v[j])) * a[j] + b[j]);
+            for (int j = 0; j < V; ++j) p.v[j] = finish<T, E>(affine(mu[j], p.v[j], a[j], b[j]), q.v[j]);
             store<T, V>(y + ys.at(r, c, 0), p);
         }
     }
@@ -270,10 +300,83 @@ template <typename T, int V, bool TRAINING> __global__ void __launch_bounds__(MA
         for (int j = 0; j < V; ++j) grad[j] = GradientCoefficients<TRAINING>(mean, mean_dy, k, scale, c + j);
         for (index_t r = tile.row_begin + row0; r < tile.row_end; r += row_step) {
             Pack<T, V> g = load<T, V>(dy + dys.at(r, c, 0));
-            const Pack<T, V> p = load_x<T, V, TRAINING>(x + xs.at(r, c, 0));
+            const Pack<T, V> p = load_if<T, V, TRAINING>(x + xs.at(r, c, 0));
 #pragma unroll
             for (int j = 0; j < V; ++j) g.v[j] = from_double<T>(grad[j](to_double(g.v[j]), to_double(p.v[j])));
             store<T, V>(dx + dxs.at(r, c, 0), g);
+        }
+    }
+}
+
+// --- the fused ReLU's backward: g = dy where the ReLU's input (recomputed by the forward's formula)
+// was not <= 0, else 0 -----------------------------------------------------------------------------
+
+template <typename T, int V, bool RESIDUAL> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cf_relu_gradient(const T* __restrict__ dy, STRIDE_PARAMS(dys), const T* __restrict__ x, STRIDE_PARAMS(xs),
+                     const T* __restrict__ z, STRIDE_PARAMS(zs), T* __restrict__ g, STRIDE_PARAMS(gs), index_t outer,
+                     index_t channels, index_t inner, index_t tiles, index_t tile_vectors,
+                     const double* __restrict__ mean, const double* __restrict__ scale,
+                     const double* __restrict__ shift) {
+    using A = typename Compute<T>::type;
+    const Strides dys = STRIDES(dys);
+    const Strides xs = STRIDES(xs);
+    const Strides zs = STRIDES(zs);
+    const Strides gs = STRIDES(gs);
+    const index_t cols = inner / V, vectors = outer * cols, items = channels * tiles;
+    for (index_t i = blockIdx.x; i < items; i += gridDim.x) {
+        const Tile tile(i, tiles, tile_vectors, vectors);
+        const SplitMean<A> mu(mean[tile.channel]);
+        const A a = static_cast<A>(scale[tile.channel]), b = static_cast<A>(shift[tile.channel]);
+        Cursor at(tile.begin + threadIdx.x, blockDim.x, cols);
+        for (index_t v = tile.begin + threadIdx.x; v < tile.end; v += blockDim.x, at.advance()) {
+            Pack<T, V> d = load<T, V>(dy + dys.at(at.row, tile.channel, at.col * V));
+            const Pack<T, V> p = load<T, V>(x + xs.at(at.row, tile.channel, at.col * V));
+            const Pack<T, V> r = load_if<T, V, RESIDUAL>(z + zs.at(at.row, tile.channel, at.col * V));
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const T in = relu_input<T, RESIDUAL>(affine(mu, p.v[j], a, b), r.v[j]);
+                if (to_compute(in) <= A(0)) d.v[j] = from_compute<T>(A(0));
+            }
+            store<T, V>(g + gs.at(at.row, tile.channel, at.col * V), d);
+        }
+    }
+}
+
+template <typename T, int V, bool RESIDUAL> __global__ void __launch_bounds__(MAX_BLOCK, 1)
+    cl_relu_gradient(const T* __restrict__ dy, STRIDE_PARAMS(dys), const T* __restrict__ x, STRIDE_PARAMS(xs),
+                     const T* __restrict__ z, STRIDE_PARAMS(zs), T* __restrict__ g, STRIDE_PARAMS(gs), index_t rows,
+                     index_t channels, int lanes, index_t tile_rows, index_t row_tiles,
+                     const double* __restrict__ mean, const double* __restrict__ scale,
+                     const double* __restrict__ shift) {
+    using A = typename Compute<T>::type;
+    const Strides dys = STRIDES(dys);
+    const Strides xs = STRIDES(xs);
+    const Strides zs = STRIDES(zs);
+    const Strides gs = STRIDES(gs);
+    const index_t channel_blocks = (channels + lanes * V - 1) / (lanes * V), items = channel_blocks * row_tiles;
+    const int lane = threadIdx.x % lanes, row0 = threadIdx.x / lanes, row_step = blockDim.x / lanes;
+    for (index_t i = blockIdx.x; i < items; i += gridDim.x) {
+        const RowTile tile(i, channel_blocks, lanes, V, tile_rows, rows);
+        const index_t c = tile.channel0 + lane * V;
+        if (c >= channels) continue;
+        SplitMean<A> mu[V];
+        A a[V], b[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            mu[j] = SplitMean<A>(mean[c + j]);
+            a[j] = static_cast<A>(scale[c + j]);
+            b[j] = static_cast<A>(shift[c + j]);
+        }
+        for (index_t r = tile.row_begin + row0; r < tile.row_end; r += row_step) {
+            Pack<T, V> d = load<T, V>(dy + dys.at(r, c, 0));
+            const Pack<T, V> p = load<T, V>(x + xs.at(r, c, 0));
+            const Pack<T, V> q = load_if<T, V, RESIDUAL>(z + zs.at(r, c, 0));
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const T in = relu_input<T, RESIDUAL>(affine(mu[j], p.v[j], a[j], b[j]), q.v[j]);
+                if (to_compute(in) <= A(0)) d.v[j] = from_compute<T>(A(0));
+            }
+            store<T, V>(g + gs.at(r, c, 0), d);
         }
     }
 }

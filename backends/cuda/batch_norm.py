@@ -13,32 +13,30 @@ import numpy as np
 
 from accelbn.backends.cuda import launcher
 from accelbn.backends.cuda.launcher import CTYPES, ChannelPlan, channel_vectors, i64, strides
-from accelbn.backends.formulas import inverse_std
+from accelbn.backends.formulas import inverse_std, renorm_affine, renorm_correction
 
 SOURCE = pathlib.Path(__file__).with_name("batch_norm.cu")
 STORAGE_DTYPES = launcher.STORAGE_DTYPES
 
-_ELEMENT_KERNELS = (
-    "cf_moments",
-    "cf_normalize",
-    "cf_gradient_sums",
-    "cl_moments",
-    "cl_normalize",
-    "cl_gradient_sums",
-)
+_ELEMENT_KERNELS = ("cf_moments", "cf_gradient_sums", "cl_moments", "cl_gradient_sums")
+_NORMALIZE_KERNELS = ("cf_normalize", "cl_normalize")  # and the epilogue: plain, ReLU, residual and ReLU
+_EPILOGUES = (0, 1, 2)
 _GRADIENT_KERNELS = ("cf_gradient", "cl_gradient")  # and whether the statistics are trained or frozen
+_RELU_GRADIENT_KERNELS = ("cf_relu_gradient", "cl_relu_gradient")  # and whether there is a residual
 _FINISH_KERNELS = ("finish_moments", "finish_gradient_sums")
 
 
 @functools.cache
 def compile_units():
     """``{storage dtype: name expressions}``: one module per storage dtype, each element kernel at
-    vector widths 1 and 16 bytes, and the per-channel finishing kernels."""
+    vector widths 1 and 16 bytes (normalize with each epilogue), and the per-channel finishing kernels."""
     units = {}
     for dtype, ctype in CTYPES.items():
         widths = (1, launcher.VECTOR_BYTES // dtype.itemsize)
         names = [f"abn::{k}<{ctype}, {v}>" for k in _ELEMENT_KERNELS for v in widths]
-        names += [f"abn::{k}<{ctype}, {v}, {t}>" for k in _GRADIENT_KERNELS for v in widths for t in ("true", "false")]
+        names += [f"abn::{k}<{ctype}, {v}, {e}>" for k in _NORMALIZE_KERNELS for v in widths for e in _EPILOGUES]
+        flags = ("true", "false")
+        names += [f"abn::{k}<{ctype}, {v}, {t}>" for k in (*_GRADIENT_KERNELS, *_RELU_GRADIENT_KERNELS) for v in widths for t in flags]
         names += [f"abn::{k}" for k in _FINISH_KERNELS]
         units[dtype] = tuple(names)
     return units
@@ -56,8 +54,12 @@ def _element_kernel(plan, dtype, name, *template_args):
     return _kernel(dtype, plan.prefix + name, plan.width, *template_args)
 
 
-def forward_train(x, weight, bias, eps, y):
-    plan = ChannelPlan([x, y])
+def _epilogue(residual, relu):
+    return 2 if residual is not None else int(bool(relu))
+
+
+def forward_train(x, weight, bias, eps, y, renorm=None, residual=None, relu=False):
+    plan = ChannelPlan([x, y] if residual is None else [x, residual, y])
     part_mean, part_m2 = plan.partials(2)
     (part_n,) = plan.partials(1, np.int64)
     launcher.launch(
@@ -72,20 +74,36 @@ def forward_train(x, weight, bias, eps, y):
         plan.channels,
         (part_mean, part_m2, part_n, i64(plan.channels), i64(plan.tiles), weight, np.float64(eps), mean, var, scale),
     )
-    _normalize(plan, x, mean, scale, bias, y)
+    shift = bias
+    if renorm is not None:  # per-channel vector arithmetic, in the same double formulas as the CPU's
+        scale, shift = renorm_affine(mean, var, eps, weight, bias, *renorm_correction(mean, var, eps, *renorm))
+    _normalize(plan, x, mean, scale, shift, y, residual, relu)
     return mean, var
 
 
-def _normalize(plan, x, mean, scale, bias, y):
+def _normalize(plan, x, mean, scale, shift, y, residual=None, relu=False):
+    z = x if residual is None else residual  # read only with a residual
     launcher.launch(
-        _element_kernel(plan, x.dtype, "normalize"),
+        _element_kernel(plan, x.dtype, "normalize", _epilogue(residual, relu)),
         plan.items,
-        (x, *strides(x), y, *strides(y), *plan.shape_args, mean, scale, bias),
+        (x, *strides(x), z, *strides(z), y, *strides(y), *plan.shape_args, mean, scale, shift),
     )
 
 
-def normalize(x, mean, var, weight, bias, eps, y):
-    _normalize(ChannelPlan([x, y]), x, mean, weight * inverse_std(var, eps), bias, y)
+def normalize(x, mean, var, weight, bias, eps, y, residual=None, relu=False):
+    plan = ChannelPlan([x, y] if residual is None else [x, residual, y])
+    _normalize(plan, x, mean, weight * inverse_std(var, eps), bias, y, residual, relu)
+
+
+def relu_gradient(dy, x, mean, scale, shift, residual, g):
+    arrays = [dy, x, g] if residual is None else [dy, x, residual, g]
+    plan = ChannelPlan(arrays)
+    z = x if residual is None else residual
+    launcher.launch(
+        _element_kernel(plan, x.dtype, "relu_gradient", "false" if residual is None else "true"),
+        plan.items,
+        (dy, *strides(dy), x, *strides(x), z, *strides(z), g, *strides(g), *plan.shape_args, mean, scale, shift),
+    )
 
 
 def backward(dy, x, mean, invstd, weight, training, dx):
