@@ -119,14 +119,47 @@ def channel_params(channels, dtype, seed=7):
 
 def numba_outputs(x, dy, axis, out=None):
     """Every output of the numba backend on ``x``: train forward (into ``out`` when given), its saved
-    and updated running statistics, eval with them, and the trained and frozen backward."""
+    and updated running statistics, eval with them, and the trained and frozen backward (12 arrays);
+    then (:data:`FUSED_OUTPUTS`) the fused residual-and-ReLU train forward and backward and the fused
+    ReLU's eval forward and backward, and Batch Renormalization's train forward and its r."""
     p = channel_params(x.shape[axis], x.dtype)
     y, stats = abn.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], True, 0.1, 1e-5,
                               axis=axis, out=out, return_stats=True, backend="numba")
     evaluated = abn.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], axis=axis, backend="numba")
     trained = abn.batch_norm_backward(dy, x, stats, p["weight"], axis=axis, backend="numba")
     frozen = abn.batch_norm_backward(dy, x, stats, p["weight"], training=False, axis=axis, backend="numba")
-    return [y.copy(), *stats, p["running_mean"], p["running_var"], evaluated, *trained, *frozen]
+    fused = _fused_outputs(x, dy, axis, p)
+    return [y.copy(), *stats, p["running_mean"], p["running_var"], evaluated, *trained, *frozen, *fused]
+
+
+def fused_residual(x):
+    """The residual the fused outputs add: same values whatever x's layout."""
+    return random_array(x.shape, x.dtype, seed=21)
+
+
+def _fused_outputs(x, dy, axis, p):
+    weight, bias = p["weight"], p["bias"]
+    z = fused_residual(x)
+    y, stats = abn.batch_norm_relu(x, None, None, weight, bias, True, residual=z, axis=axis, return_stats=True,
+                                   backend="numba")
+    grads = abn.batch_norm_relu_backward(dy, x, stats, weight, bias, residual=z, axis=axis, backend="numba")
+    rm, rv = p["running_mean"], p["running_var"]
+    y_eval, eval_stats = abn.batch_norm_relu(x, rm, rv, weight, bias, axis=axis, return_stats=True, backend="numba")
+    dx_eval = abn.batch_norm_relu_backward(dy, x, eval_stats, weight, bias, training=False, axis=axis, backend="numba")[0]
+    c = x.shape[axis]
+    moving = [rm.copy(), rv.copy(), np.sqrt(rv + 1e-3), *renorm_statistics(c, x.dtype)]
+    renormed, renorm_stats = abn.batch_renorm(x, *moving, weight, bias, True, rmax=1.5, dmax=0.5, axis=axis,
+                                              return_stats=True, backend="numba")
+    assert renorm_stats.r.shape == (c,)
+    return [y, *grads, y_eval, dx_eval, renormed, renorm_stats.r]
+
+
+FUSED_OUTPUTS = 9  # the entries _fused_outputs adds
+
+
+def renorm_statistics(channels, dtype):
+    """renorm_mean and renorm_std for the fused outputs' Batch Renormalization."""
+    return np.linspace(-1.0, 1.0, channels).astype(dtype), np.linspace(0.5, 2.0, channels).astype(dtype)
 
 
 def random_array(shape, dtype=np.float32, seed=0, loc=0.0, scale=1.0):

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from support import (
     assert_matches_reference,
     channel_params,
+    fused_residual,
+    renorm_statistics,
     numba_outputs,
     random_array,
     reference_backward,
@@ -100,7 +102,7 @@ def _configure(monkeypatch, config):
 
 
 def _check_against_oracle(x, dy, axis, outputs):
-    y, mean, invstd, rm, rv, evaluated, dx, dweight, dbias, frozen_dx, frozen_dweight, frozen_dbias = outputs
+    y, mean, invstd, rm, rv, evaluated, dx, dweight, dbias, frozen_dx, frozen_dweight, frozen_dbias = outputs[:12]
     p = channel_params(x.shape[axis], x.dtype)
     want_y, want_stats, want_rm, want_rv = reference_forward(x, **p, training=True, axis=axis)
     for got, want in [(y, want_y), (mean, want_stats.mean), (invstd, want_stats.invstd), (rm, want_rm), (rv, want_rv)]:
@@ -114,6 +116,39 @@ def _check_against_oracle(x, dy, axis, outputs):
     for got, want in zip((frozen_dx, frozen_dweight, frozen_dbias),
                          reference_backward(dy, x, want_stats, p["weight"], False, axis=axis)):
         assert_matches_reference(got, want)
+
+
+def _check_fused(x, dy, axis, outputs):
+    """The fused outputs (support.numba_outputs) against the unfused chain on this path: bit for bit
+    for the ReLU ops; Batch Renormalization against its formula, which the oracle's statistics give."""
+    y, evaluated = outputs[0], outputs[5]
+    fy, fdx, fdz, fdw, fdb, fy_eval, fdx_eval, renormed, r = outputs[12:]
+    p = channel_params(x.shape[axis], x.dtype)
+    z = fused_residual(x)
+    pre = y + z
+    np.testing.assert_array_equal(fy, np.maximum(pre, 0))
+    masked = np.where(pre <= 0, 0, dy).astype(x.dtype)
+    np.testing.assert_array_equal(fdz, masked)
+    stats = abn.batch_norm_relu(x, None, None, p["weight"], p["bias"], True, axis=axis, return_stats=True)[1]
+    for got, want in zip((fdx, fdw, fdb), abn.batch_norm_backward(masked, x, stats, p["weight"], axis=axis)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(fy_eval, np.maximum(evaluated, 0))  # eval with the running stats updated
+    updated_var = outputs[4].astype(np.float64)
+    want_eval_dx = np.where(fy_eval <= 0, 0, dy) * np.expand_dims(
+        p["weight"] / np.sqrt(updated_var + 1e-5), tuple(a for a in range(x.ndim) if a != axis % x.ndim))
+    assert_matches_reference(fdx_eval, want_eval_dx)
+    _, want_stats, _, _ = reference_forward(x, **p, training=True, axis=axis)
+    var = 1.0 / want_stats.invstd.astype(np.float64) ** 2 - 1e-5
+    renorm_mean, renorm_std = (v.astype(np.float64) for v in renorm_statistics(x.shape[axis], x.dtype))
+    r_want = np.clip(np.sqrt(var + 1e-3) / renorm_std, 1 / 1.5, 1.5)
+    d_want = np.clip((want_stats.mean - renorm_mean) / renorm_std, -0.5, 0.5)
+    assert_matches_reference(r, r_want)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    expand = lambda v: np.reshape(v, shape)  # noqa: E731
+    want_renormed = ((x - expand(want_stats.mean)) * expand(r_want / np.sqrt(var + 1e-3)) + expand(d_want)) * expand(
+        p["weight"].astype(np.float64)) + expand(p["bias"].astype(np.float64))
+    assert_matches_reference(renormed, want_renormed)
 
 
 def _check_against_torch(x, dy, axis, outputs):
@@ -181,6 +216,7 @@ def test_path_matches_the_oracle_and_torch_on_every_view(monkeypatch, path, dtyp
     x, dy, results = _run(shape, axis, dtype, config, monkeypatch, _Recorder())
     _check_against_oracle(x, dy, axis, results[0])
     _check_against_torch(x, dy, axis, results[0])
+    _check_fused(x, dy, axis, results[0])
     for other in results[1:]:
         _check_against_oracle(x, dy, axis, other)
         for a, b in zip(results[0], other):  # strides never change the bits

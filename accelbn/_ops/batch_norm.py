@@ -12,6 +12,7 @@ from accelbn._core.dtypes import float64_or, kernel_dtype, stats_dtype
 from accelbn._core.arrays import CUPY, device_of, namespace
 from accelbn._core.layer import Layer
 from accelbn._core.registry import kernels_for
+from accelbn._ops import conventions
 from accelbn.backends.formulas import inverse_std, running_average
 
 _OPERATION = "batch_norm"
@@ -211,6 +212,14 @@ def backward(dy, x, stats, weight, training, axis, out, backend, relu=False, bia
         return dx.result(), dresidual, sum_dy_xmu * invstd, sum_dy
 
 
+class _ConventionDefault:
+    def __repr__(self):
+        return "the convention's default"
+
+
+CONVENTION_DEFAULT = _ConventionDefault()
+
+
 class BatchNorm(Layer):
     """Batch normalization over channel axis ``axis`` of N-d NumPy arrays, like ``torch.nn.BatchNorm2d``.
 
@@ -219,6 +228,16 @@ class BatchNorm(Layer):
     bias, as in PyTorch); ``running_mean`` (zeros), ``running_var`` (ones) and
     ``num_batches_tracked`` (a 0-d int64 array) when ``track_running_stats``. ``momentum=None``
     averages the running statistics cumulatively, with factor 1 / num_batches_tracked.
+
+    ``convention`` takes another framework's update rule: ``"keras"``, ``"flax"`` or ``"onnx"``
+    read ``momentum`` in their meaning (the weight of the running value) and keep the biased batch
+    variance; ``eps`` and ``momentum`` default to the convention's (torch 1e-5 and 0.1, Keras 1e-3 and
+    0.99, Flax 1e-5 and 0.99, ONNX 1e-5 and 0.9). ``state_dict(layout=...)`` and
+    ``load_state_dict(..., layout=...)`` write and read those frameworks' checkpoints.
+
+    ``freeze_after=n`` freezes the statistics after n training batches (the large-batch recipes'
+    warmup); :meth:`freeze` does it now. A frozen layer normalizes with the running statistics in
+    train mode too, updates nothing, and its backward treats them as constants.
 
     ``layer(x)`` runs the forward pass and keeps ``x`` (by reference) and its statistics;
     ``layer.backward(dy)`` returns dx and stores ``grad_weight`` and ``grad_bias`` (overwriting,
@@ -231,22 +250,37 @@ class BatchNorm(Layer):
     def __init__(
         self,
         num_features,
-        eps=1e-5,
-        momentum=0.1,
+        eps=None,
+        momentum=CONVENTION_DEFAULT,
         affine=True,
         track_running_stats=True,
         *,
+        convention="torch",
+        freeze_after=None,
         axis=1,
         dtype=np.float32,
         bias=True,
         backend=None,
     ):
         num_features = checks.positive_int(num_features, "num_features")
-        self.eps = checks.real_number(eps, "eps", minimum=0.0)
+        self.convention = convention
+        rule = conventions.convention(convention)
+        self.eps = checks.real_number(rule.eps if eps is None else eps, "eps", minimum=0.0)
+        if momentum is CONVENTION_DEFAULT:
+            momentum = rule.momentum
         self.momentum = None if momentum is None else checks.real_number(momentum, "momentum")
+        if momentum is None and not rule.momentum_of_batch:
+            raise ValueError(f"momentum=None (a cumulative average) is torch's; the {convention} convention needs a number")
         self.affine = checks.boolean(affine, "affine")
         self.track_running_stats = checks.boolean(track_running_stats, "track_running_stats")
         has_bias = checks.boolean(bias, "bias") and self.affine
+        if freeze_after is not None:
+            freeze_after = checks.integer(freeze_after, "freeze_after")
+            if freeze_after < 0 or not self.track_running_stats:
+                raise ValueError("freeze_after needs track_running_stats=True and a step count >= 0, "
+                                 f"got {freeze_after} with track_running_stats={self.track_running_stats}")
+        self.freeze_after = freeze_after
+        self.frozen = freeze_after == 0
         self.axis = checks.integer(axis, "axis")
         self.dtype = dtype = checks.float_dtype(dtype)
         self.num_features = num_features
@@ -265,38 +299,55 @@ class BatchNorm(Layer):
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
             + ("" if self.bias is not None or not self.affine else ", bias=False")
+            + ("" if self.convention == "torch" else f", convention={self.convention!r}")
+            + ("" if self.freeze_after is None else f", freeze_after={self.freeze_after}")
             + ("" if self.backend is None else f", backend={self.backend!r}")
             + ")"
         )
 
+    def freeze(self):
+        """From now on, normalize with the running statistics, update nothing, and treat them as
+        constants in the backward, in train mode too. Returns the layer."""
+        if not self.track_running_stats:
+            raise ValueError("freeze() needs running statistics (track_running_stats=True)")
+        self.frozen = True
+        return self
+
     def forward(self, x):
         """Normalize x; in training, update the running statistics when they are tracked."""
         self._check_input(x, self.axis, self.num_features)
-        updates_running = self.training and self.track_running_stats
-        momentum = self.momentum
+        rule = conventions.CONVENTIONS[self.convention]
+        updates_running = self.training and self.track_running_stats and not self.frozen
+        momentum = conventions.batch_momentum(self.momentum, rule)
         if momentum is None:  # a cumulative average over the batches seen, this one included
             momentum = 1.0 / float(self.num_batches_tracked + 1) if updates_running else 0.0
-        use_batch_stats = self.training or not self.track_running_stats
-        y, stats = batch_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            axis=self.axis,
-            return_stats=True,
-            backend=self.backend,
-        )
+        use_batch_stats = (self.training and not self.frozen) or not self.track_running_stats
+        y, stats = forward(x, self.running_mean, self.running_var, self.weight, self.bias, use_batch_stats, momentum,
+                           self.eps, self.axis, None, True, rule.unbiased, self.backend)
         if updates_running:
             self.num_batches_tracked += 1
+            if self.freeze_after is not None and self.num_batches_tracked >= self.freeze_after:
+                self.frozen = True
         self._save(x, stats, use_batch_stats)
         return y
 
     def _backward(self, dy, x, stats, use_batch_stats):
         return batch_norm_backward(dy, x, stats, self.weight, training=use_batch_stats, axis=self.axis, backend=self.backend)
+
+    def state_dict(self, layout="torch"):
+        """Copies of the parameters and buffers: under PyTorch's keys, or as a checkpoint of
+        ``layout`` ``"keras"`` (gamma, beta, moving_mean, moving_variance), ``"flax"`` (``{"params":
+        {"scale", "bias"}, "batch_stats": {"mean", "var"}}``) or ``"onnx"`` (the BatchNormalization
+        inputs scale, B, input_mean, input_var). Only torch's has num_batches_tracked."""
+        return conventions.export(super().state_dict(), layout, self._COUNTERS)
+
+    def load_state_dict(self, state_dict, strict=True, layout="torch"):
+        """Load a state dict: PyTorch's, or another framework's checkpoint with ``layout`` (as
+        :meth:`state_dict` writes it). A checkpoint without num_batches_tracked leaves it as it is."""
+        ours = conventions.import_(state_dict, layout, self._state_names(), self._COUNTERS)
+        if layout != "torch" and self.num_batches_tracked is not None:
+            ours.setdefault("num_batches_tracked", self.num_batches_tracked)
+        super().load_state_dict(ours, strict)
 
 
 class FrozenBatchNorm(Layer):
