@@ -156,13 +156,15 @@ def boolean(value, name):
     return bool(value)
 
 
-def real_number(value, name, minimum=None):
-    """A finite real number (not a bool), at least ``minimum`` when given."""
+def real_number(value, name, minimum=None, infinite=False):
+    """A finite real number (not a bool), at least ``minimum`` when given; +inf too with ``infinite``."""
     if type(value) is not float:  # the usual case skips the slow abstract-class test
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
         value = float(value)
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
+    allowed = math.isfinite(value) or (infinite and value == math.inf)
+    if not allowed or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
+        kind = "a number (or inf)" if infinite else "a finite number"
+        raise ValueError(f"{name} must be {kind}{bound}, got {value}")
     return value

@@ -71,8 +71,8 @@ class Ramp:
 
 def _clipping(rmin, rmax, dmax):
     """Checked (rmin, rmax, dmax) as floats; rmin None is 1 / rmax (0 when rmax is inf: no lower clip)."""
-    rmax = checks.real_number(rmax, "rmax", minimum=1.0)
-    dmax = checks.real_number(dmax, "dmax", minimum=0.0)
+    rmax = checks.real_number(rmax, "rmax", minimum=1.0, infinite=True)
+    dmax = checks.real_number(dmax, "dmax", minimum=0.0, infinite=True)
     rmin = 1.0 / rmax if rmin is None else checks.real_number(rmin, "rmin", minimum=0.0)
     if rmin > 1.0:
         raise ValueError(f"rmin must be at most 1, got {rmin}")

@@ -371,8 +371,8 @@ def _numpy_function(function):
     return call
 
 
-# Functions with NumPy's semantics that the front (sqrt) and the demo's CNN (accelbn/_demo/cnn.py) call.
-_NUMPY_FUNCTIONS = ["sqrt", "pad", "einsum", "exp", "log", "arange"]
+# Functions with NumPy's semantics that the front (sqrt, maximum) and the demo's CNN (accelbn/_demo/cnn.py) call.
+_NUMPY_FUNCTIONS = ["sqrt", "maximum", "pad", "einsum", "exp", "log", "arange"]
 
 
 class RawModule:
