@@ -223,13 +223,36 @@ _FAMILIES = [((9, 8, 4, 8), 1), ((5, 5, 3, 7), 1), ((3, 4, 5, 16), -1), ((37, 9)
 
 
 def _run(x, axis, training):
-    """Forward (train or eval) and backward (trained or frozen statistics) on the device; host results."""
+    """Forward (train or eval) and backward (trained or frozen statistics) on the device; host results:
+    batch norm's (9 arrays), then the fused ReLU's, the fused residual-and-ReLU's (with its residual's
+    gradient) and Batch Renormalization's forward."""
     params = channel_params(x.shape[axis], np.float32)
     p = on.puts(params)
     dy = random_array(x.shape, seed=5).astype(x.dtype)
     y, stats = abn.batch_norm(on.put(x), **p, training=training, axis=axis, return_stats=True)
     grads = abn.batch_norm_backward(on.put(dy), on.put(x), stats, p["weight"], training=training, axis=axis)
-    return params, dy, [on.get(a) for a in (y, stats.mean, stats.invstd, *grads, p["running_mean"], p["running_var"])]
+    outputs = [y, stats.mean, stats.invstd, *grads, p["running_mean"], p["running_var"]]
+    return params, dy, [on.get(a) for a in outputs + _fused(x, dy, axis, training, params, on)]
+
+
+def _fused(x, dy, axis, training, params, where, backend=None):
+    """The fused ops' outputs on ``where``'s arrays: relu(bn(x)), its dx; relu(bn(x) + z), its dx and
+    dz; and batch_renorm(x)."""
+    p = where.puts(params)
+    z = where.put(random_array(x.shape, seed=6).astype(x.dtype))
+    results = []
+    for residual in (None, z):
+        y, stats = abn.batch_norm_relu(where.put(x), p["running_mean"].copy(), p["running_var"].copy(), p["weight"],
+                                       p["bias"], training, residual=residual, axis=axis, return_stats=True,
+                                       backend=backend)
+        grads = abn.batch_norm_relu_backward(where.put(dy), where.put(x), stats, p["weight"], p["bias"],
+                                             residual=residual, training=training, axis=axis, backend=backend)
+        results += [y, *grads[:-2]]
+    renorm = [p["running_mean"].copy(), p["running_var"].copy(), p["running_var"].copy(), p["running_mean"].copy(),
+              p["running_var"].copy()]
+    results.append(abn.batch_renorm(where.put(x), *renorm, p["weight"], p["bias"], training, rmax=1.2, dmax=0.1,
+                                    axis=axis, backend=backend))
+    return results
 
 
 def test_every_kernel_instantiation_is_launched(cupy, tiny_blocks):
@@ -276,6 +299,10 @@ MUTANTS = [
      "for (int offset = 8; offset > 0; offset /= 2) value = combine(value, shuffle_down(value, offset));\n    if (lane == 0)"),
     ("a channels-first tile one vector too long", "end(min(begin + tile_vectors, vectors))",
      "end(min(begin + tile_vectors + 1, vectors))"),
+    ("the residual dropped from the ReLU's input", "if constexpr (RESIDUAL) v = from_compute<T>(to_compute(v) + to_compute(z));",
+     "if constexpr (false) v = from_compute<T>(to_compute(v) + to_compute(z));"),
+    ("the fused epilogue without its ReLU", "if constexpr (E != PLAIN) return to_compute(v) < A(0) ? from_compute<T>(A(0)) : v;",
+     "if constexpr (E == ADD_RELU) return to_compute(v) < A(0) ? from_compute<T>(A(0)) : v;"),
     ("channels-last rows up to and including the tile's end", "for (index_t r = tile.row_begin + row0; r < tile.row_end; r += row_step) {\n                const Pack<T, V> p = load<T, V>(x + xs.at(r, c, 0));",
      "for (index_t r = tile.row_begin + row0; r <= tile.row_end; r += row_step) {\n                const Pack<T, V> p = load<T, V>(x + xs.at(r, c, 0));"),
 ]
@@ -306,7 +333,9 @@ def _mutant_outcome(cuda, monkeypatch, tmp_path, original, replacement):
                 want_y, stats, _, _ = reference_forward(x, **{**params, "running_mean": None, "running_var": None},
                                                         training=True, axis=axis)
                 want_dx = reference_backward(dy, x, stats, params["weight"], True, axis=axis)[0]
-                error = max(rel_error(got[0], want_y), rel_error(got[3], want_dx))
+                want_fused = [a for a in _fused(x, dy, axis, True, params, ArraysOn("numpy"), "numpy")]
+                error = max(rel_error(got[0], want_y), rel_error(got[3], want_dx),
+                            *(rel_error(a, b) for a, b in zip(got[9:], want_fused)))
                 if not error < 2e-5:
                     return f"{shape} axis {axis}, schedule {name}: relative error {error:.1e}"
         return None

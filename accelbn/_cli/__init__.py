@@ -32,6 +32,8 @@ def _parser():
     bench.add_argument("--op", default="batch_norm", metavar="NAME",
                        choices=("batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm"),
                        help="the operation: batch_norm (default), layer_norm, rms_norm, group_norm or instance_norm")
+    bench.add_argument("--fused", action="store_true",
+                       help="the fused ReLU and residual+ReLU ops and batch renorm against batch norm's own passes")
     demo = commands.add_parser(
         "demo", help="train a small CNN with and without batch norm: a learning-rate sweep, momentum, a batch of one"
     )
@@ -67,6 +69,10 @@ def main(argv=None) -> int:
         demo.run(quick=args.quick, data_name=args.data, path=args.path, limit=args.limit, backend=args.backend,
                   chosen=tuple(args.experiments or demo.EXPERIMENTS), out=args.out, as_json=args.json,
                   seed_override=None if args.seeds is None else range(args.seeds), epochs_override=args.epochs)
+    elif args.fused:
+        from accelbn._cli import bench_fused
+
+        bench_fused.run(quick=args.quick, repeat=args.repeat)
     else:
         if args.op == "batch_norm":
             from accelbn._cli import bench
