@@ -196,16 +196,14 @@ def backward(dy, x, stats, weight, training, axis, out, backend, relu=False, bia
         weight64 = float64_or(xp, weight, channels, 1.0)
         x3 = views.input3(x, layout, dtype)
         dy3 = views.input3(dy, layout, dtype)
-        dz = None
+        masked = dz = None
         if relu:  # the gradient past the ReLU goes to the residual's gradient, or to dx and is used in place
             dz = views.Output(x, None, layout, dtype) if residual is not None else dx
-            if x.size:
-                z3 = None if residual is None else views.input3(residual, layout, dtype)
-                kernels.relu_gradient(dy3, x3, mean, weight64 * invstd, float64_or(xp, bias, channels, 0.0), z3, dz.view)
-            dy3 = dz.view
+            z3 = None if residual is None else views.input3(residual, layout, dtype)
+            masked = (weight64 * invstd, float64_or(xp, bias, channels, 0.0), z3, dz.view)
         if x.size:
             applied = weight64 if weight_scale is None else weight64 * weight_scale
-            sum_dy, sum_dy_xmu = kernels.backward(dy3, x3, mean, invstd, applied, training, dx.view)
+            sum_dy, sum_dy_xmu = kernels.backward(dy3, x3, mean, invstd, applied, training, dx.view, masked)
         else:
             sum_dy = sum_dy_xmu = xp.zeros(channels)
         dresidual = dz.result() if residual is not None else None

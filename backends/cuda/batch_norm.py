@@ -95,7 +95,7 @@ def normalize(x, mean, var, weight, bias, eps, y, residual=None, relu=False):
     _normalize(plan, x, mean, weight * inverse_std(var, eps), bias, y, residual, relu)
 
 
-def relu_gradient(dy, x, mean, scale, shift, residual, g):
+def _relu_gradient(dy, x, mean, scale, shift, residual, g):
     arrays = [dy, x, g] if residual is None else [dy, x, residual, g]
     plan = ChannelPlan(arrays)
     z = x if residual is None else residual
@@ -106,7 +106,11 @@ def relu_gradient(dy, x, mean, scale, shift, residual, g):
     )
 
 
-def backward(dy, x, mean, invstd, weight, training, dx):
+def backward(dy, x, mean, invstd, weight, training, dx, relu=None):
+    if relu is not None:  # the fused ReLU's backward: dy masked into g first (dx itself, or the residual's gradient)
+        scale, shift, residual, g = relu
+        _relu_gradient(dy, x, mean, scale, shift, residual, g)
+        dy = g
     plan = ChannelPlan([dy, x, dx])
     part_dy, part_dy_xmu = plan.partials(2)
     launcher.launch(

@@ -119,75 +119,81 @@ def normalize(kernels, x, mean, var, weight, bias, eps, y, residual=None, relu=F
     _normalize(kernels, x, mean, channel_scale(var, weight, float(eps)), bias, y, residual, bool(relu))
 
 
-@runtime.entry
-def relu_gradient(kernels, dy, x, mean, scale, shift, residual, g):
-    """g = dy where the forward's ReLU passed its input, else 0: that input recomputed from x (and
-    the residual) with the forward's per-channel ``scale`` and ``shift``, bit for bit."""
-    inner = x.shape[2]
-    target = Target(g)
-    if inner == 1:
-        kernels.relu_gradient_channels_last(contiguous(dy), contiguous(x), _prepared(residual, x), mean, scale, shift, target.array)
-    else:
-        dy, x = dense(dy), dense(x)
-        z = _prepared(residual, x)
-        if short_rows(x):
-            block = channel_block(x, False, kernels)
-            kernels.relu_gradient_blocks(planes(dy), planes(x), z, inner, block, row_groups(x, block, kernels), mean, scale, shift, target.planes())
-        else:
-            kernels.relu_gradient_channels_first(dy, x, z, mean, scale, shift, target.array, segment_tasks(x, kernels))
-    target.finish()
+def _masked(relu, x, dx_target):
+    """For the fused ReLU's backward, ``relu`` = (scale, shift, residual, g): the target of the masked
+    gradient g (dx's own when g is dx: computed in place), and the kernels' ``relu`` argument
+    (z, g, scale, shift), z and g laid out as the kernels take x."""
+    if relu is None:
+        return None, None
+    scale, shift, residual, g = relu
+    target = dx_target if g is dx_target.y else Target(g)
+    grad = planes(target.array) if x.shape[2] > 1 and short_rows(x) else target.array
+    return target, (_prepared(residual, x), grad, scale, shift)
 
 
 @runtime.entry
-def backward(kernels, dy, x, mean, invstd, weight, training, dx):
-    """Write dx; return the per-channel sums of dy and of dy * (x - mean)."""
+def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
+    """Write dx; return the per-channel sums of dy and of dy * (x - mean).
+
+    With ``relu`` = (scale, shift, residual, g), the fused ReLU's backward: dy is first masked where
+    the forward's ReLU stopped it (its input recomputed from x, the residual, and the forward's
+    per-channel ``scale`` and ``shift``) into g (the residual's gradient, or dx itself), a chunk at
+    a time inside the kernels just before they sum it, and batch norm's backward reads g for dy."""
     outer, channels, inner = x.shape
     sum_dy = np.empty(channels)
     sum_dy_xmu = np.empty(channels)
     stream, training = streams(dx), bool(training)
+    target = Target(dx)
     if inner == 1:
-        target = Target(dx)
-        kernels.backward_channels_last(
-            contiguous(dy), contiguous(x), mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, stream
-        )
-        target.finish()
+        dy, x = contiguous(dy), contiguous(x)
+        g_target, masked = _masked(relu, x, target)
+        kernels.backward_channels_last(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, masked, stream)
+        _finish(target, g_target)
         return sum_dy, sum_dy_xmu
     dy, x = dense(dy), dense(x)
+    g_target, masked = _masked(relu, x, target)
     if by_channel(x, kernels):
-        target = Target(dx)
         if short_rows(x):
             block = channel_block(x, True, kernels)
-            kernels.backward_by_block(
-                planes(dy), planes(x), inner, block, mean, invstd, weight, training, target.planes(), sum_dy, sum_dy_xmu, stream
-            )
+            kernels.backward_by_block(planes(dy), planes(x), inner, block, mean, invstd, weight, training, target.planes(),
+                                      sum_dy, sum_dy_xmu, masked, stream)
         else:
-            kernels.backward_by_channel(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, stream)
-        target.finish()
+            kernels.backward_by_channel(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, masked, stream)
+        _finish(target, g_target)
         return sum_dy, sum_dy_xmu
     chunks = chunking(outer, inner)[2]
     part_dy = np.empty((chunks, channels))
     part_dy_xmu = np.empty((chunks, channels))
     if short_rows(x):
         block = channel_block(x, False, kernels)
-        kernels.block_gradient_sums_all(planes(dy), planes(x), inner, block, mean, part_dy, part_dy_xmu)
+        kernels.block_gradient_sums_all(planes(dy), planes(x), inner, block, mean, part_dy, part_dy_xmu, masked)
     else:
-        kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu)
+        kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, masked)
     sum_parts(part_dy, sum_dy)
     sum_parts(part_dy_xmu, sum_dy_xmu)
+    if g_target is not None:  # the element pass reads the masked gradient
+        dy = g_target.array
     if not training:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
         zeros = np.zeros(channels)
-        _normalize(kernels, dy, zeros, weight * invstd, zeros, dx)
+        _normalize(kernels, dy, zeros, weight * invstd, zeros, target.array)
+        _finish(target, g_target)
         return sum_dy, sum_dy_xmu
     factors = gradient_factors(*backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, outer * inner))
     params = np.array((mean, *factors))  # the gradient computes in float64
-    target = Target(dx)
     if short_rows(x):
         block = channel_block(x, False, kernels)
         kernels.gradient_blocks(planes(dy), planes(x), inner, block, row_groups(x, block, kernels), params, target.planes(), stream)
     else:
         kernels.gradient_channels_first(dy, x, params, target.array, segment_tasks(x, kernels), stream)
-    target.finish()
+    _finish(target, g_target)
     return sum_dy, sum_dy_xmu
+
+
+def _finish(target, g_target):
+    """Copy scratch results into the caller's arrays: g's first, when it is not dx."""
+    if g_target is not None and g_target is not target:
+        g_target.finish()
+    target.finish()
 
 
 def precompile(dtype, serial):
@@ -218,6 +224,8 @@ def precompile(dtype, serial):
                 for residual in (None, x):
                     forward_train(x, weight, zero, 1e-5, out, renorm, residual, True)
                     normalize(x, mean, var, weight, zero, 1e-5, out, residual, True)
-                    relu_gradient(x, x, mean, weight, zero, residual, out)
+                    g = out if residual is None else np.empty_like(x)
+                    for training in (True, False):
+                        backward(x, x, mean, weight, weight, training, out, (weight, zero, residual, g))
     finally:
         tiling.CACHED_SLICE_BYTES, runtime.SERIAL_MAX_ELEMENTS = saved_slice, saved_serial

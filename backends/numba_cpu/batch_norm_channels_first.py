@@ -69,18 +69,41 @@ def _forward_train_by_channel(x, weight, bias, eps, renorm, y, z, fused_relu, me
             store_fence()
 
 
+@njit(**NESTED)
+def _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu):
+    """Chunk k of channel c of the masked gradient, ``relu`` = (z, g, scale, shift): g = dy where the
+    forward's ReLU passed (:func:`.elements.write_relu_gradient`)."""
+    z, g, scale, shift = relu
+    hi, lo = split_mean(g, mean[c])
+    p = (hi, lo, as_element(g, scale[c]), as_element(g, shift[c]))
+    r0, r1, i0, i1 = chunk_bounds(x, k, rows, segments)
+    for r in range(r0, r1):
+        write_relu_gradient(dy[r, c], x[r, c], row(z, r, c), i0, i1, p, 1, g[r, c])
+
+
+# With ``relu`` (the fused ReLU's backward) the backward kernels first write the masked gradient g
+# over the part they are about to sum, a chunk or a channel at a time, and then read g where they
+# would read dy: g is still in cache, so the mask costs one pass over dy and x, not three.
+
+
 @kernel
-def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream):
+def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, relu, stream):
     outer, channels, inner = x.shape
     rows, segments, chunks = chunking(outer, inner)
     prefetching = 2 * rows * min(inner, STATS_CHUNK) * x.itemsize <= PREFETCH_CHUNK_BYTES
+    if relu is None:
+        grad = dy
+    else:
+        grad = relu[1]
     for c in prange(channels):
         a, b = 0.0, 0.0
         for k in range(chunks):
             if prefetching:
                 prefetch_chunk(dy, c, k + 1, rows, segments)
                 prefetch_chunk(x, c, k + 1, rows, segments)
-            a_k, b_k = _chunk_gradient_sums(dy, x, c, mean[c], k, rows, segments)
+            if relu is not None:
+                _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu)
+            a_k, b_k = _chunk_gradient_sums(grad, x, c, mean[c], k, rows, segments)
             a += a_k
             b += b_k
         sum_dy[c] = a
@@ -90,12 +113,12 @@ def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_
             fa, fb, fc = gradient_factors(mean_dy, k_c, scale)
             params = (mean[c], fa, fb, fc)
             for r in range(outer - 1, -1, -1):
-                write_gradient(dy[r, c], x[r, c], 0, inner, params, 1, dx[r, c], stream)
+                write_gradient(grad[r, c], x[r, c], 0, inner, params, 1, dx[r, c], stream)
         else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
             zero = as_element(dx, 0.0)
             frozen = (zero, zero, as_element(dx, weight[c] * invstd[c]), zero)
             for r in range(outer - 1, -1, -1):
-                write_affine(dy[r, c], 0, inner, frozen, 1, dx[r, c], stream)
+                write_affine(grad[r, c], 0, inner, frozen, 1, dx[r, c], stream)
         if stream:
             store_fence()
 
@@ -112,13 +135,19 @@ def _chunk_moments_all(x, count, part_mean, part_m2):
 
 
 @kernel
-def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu):
+def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, relu):
     outer, channels, inner = x.shape
     rows, segments, chunks = chunking(outer, inner)
+    if relu is None:
+        grad = dy
+    else:
+        grad = relu[1]
     for j in prange(chunks * channels):
         k = j // channels
         c = j - k * channels
-        part_dy[k, c], part_dy_xmu[k, c] = _chunk_gradient_sums(dy, x, c, mean[c], k, rows, segments)
+        if relu is not None:
+            _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu)
+        part_dy[k, c], part_dy_xmu[k, c] = _chunk_gradient_sums(grad, x, c, mean[c], k, rows, segments)
 
 
 @kernel
@@ -132,17 +161,6 @@ def _normalize_channels_first(x, mean, scale, shift, y, z, fused_relu, tasks, st
             write_affine(x[r, c], f0, f1, p, 1, y[r, c], stream, row(z, r, c), fused_relu)
         if stream:
             store_fence()
-
-
-@kernel
-def _relu_gradient_channels_first(dy, x, z, mean, scale, shift, g, tasks):
-    """g = dy masked by the forward's ReLU (:func:`.elements.write_relu_gradient`) over the row segments."""
-    params = affine_params(g, mean, scale, shift)
-    for t in prange(tasks):
-        for u in task_segments(x, t, tasks):
-            r, c, f0, f1 = segment(x, u)
-            p = (params[0][c], params[1][c], params[2][c], params[3][c])
-            write_relu_gradient(dy[r, c], x[r, c], row(z, r, c), f0, f1, p, 1, g[r, c])
 
 
 @kernel

@@ -119,23 +119,15 @@ def _normalize_channels_last(x3, mean, scale, shift, y3, z3, fused_relu, stream)
 
 
 @kernel
-def _relu_gradient_channels_last(dy3, x3, z3, mean, scale, shift, g3):
-    """g = dy masked by the forward's ReLU (:func:`.elements.write_relu_gradient`)."""
-    channels = mean.shape[0]
-    g = g3.reshape(-1)
-    tables = affine_tables(g, mean, scale, shift)
-    flat_dy = dy3.reshape(-1)
-    flat_x = x3.reshape(-1)
-    z = flat(z3)
-    block = rows_per_block(channels) * channels
-    for b in prange((flat_x.shape[0] + block - 1) // block):
-        write_relu_gradient(flat_dy, flat_x, z, b * block, min(b * block + block, flat_x.shape[0]), tables, channels, g)
-
-
-@kernel
-def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy, sum_dy_xmu, stream):
+def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy, sum_dy_xmu, relu, stream):
+    """With ``relu`` = (z, g, scale, shift), each row block first writes its rows of the masked gradient
+    g (:func:`.elements.write_relu_gradient`), sums them from cache, and g is read for dy after."""
     rows, channels, _ = x3.shape
-    dy = dy3.reshape(rows, channels)
+    if relu is None:
+        grad3 = dy3
+    else:
+        grad3 = relu[1]
+    dy = grad3.reshape(rows, channels)
     x = x3.reshape(rows, channels)
     dx = dx3.reshape(-1)
     block_rows = rows_per_block(channels)
@@ -144,7 +136,13 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
     part_dy_xmu = np.empty((blocks, channels))
     for b in prange(blocks):
         r0 = b * block_rows
-        _row_block_gradient_sums(dy, x, mean, r0, min(r0 + block_rows, rows), part_dy[b], part_dy_xmu[b])
+        r1 = min(r0 + block_rows, rows)
+        if relu is not None:
+            z, g, scale, shift = relu
+            g_flat = g.reshape(-1)
+            tables = affine_tables(g_flat, mean, scale, shift)
+            write_relu_gradient(dy3.reshape(-1), x3.reshape(-1), flat(z), r0 * channels, r1 * channels, tables, channels, g_flat)
+        _row_block_gradient_sums(dy, x, mean, r0, r1, part_dy[b], part_dy_xmu[b])
     sum_parts(part_dy, sum_dy)
     sum_parts(part_dy_xmu, sum_dy_xmu)
     flat_dy = dy.reshape(-1)

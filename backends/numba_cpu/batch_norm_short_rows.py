@@ -114,12 +114,29 @@ def _forward_train_by_block(x, inner, block, weight, bias, eps, renorm, y, z, fu
             store_fence()
 
 
+@njit(**NESTED)
+def _relu_gradient_block(dy, x, inner, c0, c1, r0, r1, mean, relu):
+    """Rows [r0, r1) of channels [c0, c1) of the masked gradient, ``relu`` = (z, g, scale, shift), as
+    :func:`.batch_norm_channels_first._relu_gradient_chunk`."""
+    z, g, scale, shift = relu
+    params = affine_params(g, mean[c0:c1], scale[c0:c1], shift[c0:c1])
+    tables = _block_tables(params, 0, c1 - c0, inner)
+    j0 = c0 * inner
+    j1 = c1 * inner
+    for r in range(r0, r1):
+        write_relu_gradient(dy[r, j0:j1], x[r, j0:j1], part(z, r, j0, j1), 0, j1 - j0, tables, j1 - j0, g[r, j0:j1])
+
+
 @kernel
-def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream):
+def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, relu, stream):
     """:func:`_backward_by_channel` for short rows, one task per block of channels."""
     outer = x.shape[0]
     channels = x.shape[1] // inner
     rows = chunking(outer, inner)[0]
+    if relu is None:
+        grad = dy
+    else:
+        grad = relu[1]
     for b in prange((channels + block - 1) // block):
         c0 = b * block
         c1 = min(c0 + block, channels)
@@ -128,7 +145,9 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
         total_dy = np.zeros(c1 - c0)
         total_dy_xmu = np.zeros(c1 - c0)
         for r0 in range(0, outer, rows):
-            _block_gradient_sums(dy, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, chunk_dy, chunk_dy_xmu)
+            if relu is not None:
+                _relu_gradient_block(dy, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, relu)
+            _block_gradient_sums(grad, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, chunk_dy, chunk_dy_xmu)
             for c in range(c1 - c0):
                 total_dy[c] += chunk_dy[c]
                 total_dy_xmu[c] += chunk_dy_xmu[c]
@@ -148,7 +167,7 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
             fa, fb, fc = gradient_factors(mean_dy, k, scale)
             params = (spread(mean[c0:c1], inner), spread(fa, inner), spread(fb, inner), spread(fc, inner))
             for r in range(outer - 1, -1, -1):
-                write_gradient(dy[r, j0:j1], x[r, j0:j1], 0, j1 - j0, params, j1 - j0, dx[r, j0:j1], stream)
+                write_gradient(grad[r, j0:j1], x[r, j0:j1], 0, j1 - j0, params, j1 - j0, dx[r, j0:j1], stream)
         else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
             zero = as_element(dx, 0.0)
             frozen_scale = np.empty(c1 - c0, dx.dtype)
@@ -156,7 +175,7 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
                 frozen_scale[c - c0] = as_element(dx, weight[c] * invstd[c])
             frozen = (zero, zero, spread(frozen_scale, inner), zero)
             for r in range(outer - 1, -1, -1):
-                write_affine(dy[r, j0:j1], 0, j1 - j0, frozen, j1 - j0, dx[r, j0:j1], stream)
+                write_affine(grad[r, j0:j1], 0, j1 - j0, frozen, j1 - j0, dx[r, j0:j1], stream)
         if stream:
             store_fence()
 
@@ -177,18 +196,24 @@ def _block_moments_all(x, inner, block, count, part_mean, part_m2):
 
 
 @kernel
-def _block_gradient_sums_all(dy, x, inner, block, mean, part_dy, part_dy_xmu):
+def _block_gradient_sums_all(dy, x, inner, block, mean, part_dy, part_dy_xmu, relu):
     outer = x.shape[0]
     channels = x.shape[1] // inner
     rows = chunking(outer, inner)[0]
     blocks = (channels + block - 1) // block
+    if relu is None:
+        grad = dy
+    else:
+        grad = relu[1]
     for t in prange(part_dy.shape[0] * blocks):
         k = t // blocks
         c0 = (t - k * blocks) * block
         c1 = min(c0 + block, channels)
         r0 = k * rows
+        if relu is not None:
+            _relu_gradient_block(dy, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, relu)
         _block_gradient_sums(
-            dy, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, part_dy[k, c0:c1], part_dy_xmu[k, c0:c1]
+            grad, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, part_dy[k, c0:c1], part_dy_xmu[k, c0:c1]
         )
 
 
@@ -231,20 +256,6 @@ def _normalize_blocks(x, inner, block, groups, mean, scale, shift, y, z, fused_r
             write_affine(x[r, j0:j1], 0, j1 - j0, tables, j1 - j0, y[r, j0:j1], stream, part(z, r, j0, j1), fused_relu)
         if stream:
             store_fence()
-
-
-@kernel
-def _relu_gradient_blocks(dy, x, z, inner, block, groups, mean, scale, shift, g):
-    """g = dy masked by the forward's ReLU (:func:`.elements.write_relu_gradient`)."""
-    params = affine_params(g, mean, scale, shift)
-    blocks = (x.shape[1] // inner + block - 1) // block
-    for t in prange(blocks * groups):
-        c0, c1, r0, r1 = _block_task(x, inner, block, groups, t)
-        tables = _block_tables(params, c0, c1, inner)
-        j0 = c0 * inner
-        j1 = c1 * inner
-        for r in range(r0, r1):
-            write_relu_gradient(dy[r, j0:j1], x[r, j0:j1], part(z, r, j0, j1), 0, j1 - j0, tables, j1 - j0, g[r, j0:j1])
 
 
 @kernel

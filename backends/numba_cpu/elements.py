@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from accelbn.backends.numba_cpu.lines import LINE_BYTES, fma, line_kernel, relu
+from accelbn.backends.numba_cpu.lines import LINE_BYTES, fma, line_kernel, passed, relu
 from accelbn.backends.numba_cpu.runtime import NESTED, OPTIONS
 from accelbn.backends.numba_cpu.scalars import as_element, at, split_mean
 
@@ -32,6 +32,14 @@ def _affine_add_relu(x, z, mean_hi, mean_lo, scale, shift):
     return relu(_affine(x, mean_hi, mean_lo, scale, shift) + z)
 
 
+def _relu_gradient(dy, x, mean_hi, mean_lo, scale, shift):
+    return passed(_affine(x, mean_hi, mean_lo, scale, shift), dy)
+
+
+def _add_relu_gradient(dy, x, z, mean_hi, mean_lo, scale, shift):
+    return passed(_affine(x, mean_hi, mean_lo, scale, shift) + z, dy)
+
+
 def _gradient(dy, x, mean, a, b, c):
     return fma(x - mean, b, fma(dy, a, c))
 
@@ -44,6 +52,8 @@ _affine_relu_line = line_kernel(_affine_relu, nontemporal=False)
 _affine_relu_line_streamed = line_kernel(_affine_relu, nontemporal=True)
 _affine_add_relu_line = line_kernel(_affine_add_relu, nontemporal=False)
 _affine_add_relu_line_streamed = line_kernel(_affine_add_relu, nontemporal=True)
+_relu_gradient_line = line_kernel(_relu_gradient, nontemporal=False)
+_add_relu_gradient_line = line_kernel(_add_relu_gradient, nontemporal=False)
 _gradient_line = line_kernel(_gradient, nontemporal=False, wide=True)
 _gradient_line_streamed = line_kernel(_gradient, nontemporal=True, wide=True)
 
@@ -135,19 +145,37 @@ def write_affine(x, f0, f1, params, period, y, stream, z=None, fused_relu=False)
 
 
 @njit(**NESTED)
-def write_relu_gradient(dy, x, z, f0, f1, params, period, g):
-    """g[f0:f1] = dy where the forward's ReLU passed its input, 0 where that input was <= 0 (as
-    torch's ``threshold_backward`` on the ReLU's output): the input recomputed from x (and the
-    residual z) with the forward's own parameters, so bit for bit the forward's."""
+def _relu_gradient_elements(dy, x, z, f0, f1, params, period, g):
     c = f0 % period
     for f in range(f0, f1):
         v = _affine_element(x[f], at(params[0], c), at(params[1], c), at(params[2], c), at(params[3], c))
         if z is not None:
             v = v + z[f]
-        g[f] = 0 if v <= 0 else dy[f]
+        g[f] = passed(v, dy[f])
         c += 1
         if c == period:
             c = 0
+
+
+@njit(**NESTED)
+def write_relu_gradient(dy, x, z, f0, f1, params, period, g):
+    """g[f0:f1] = dy where the forward's ReLU passed its input, 0 where that input was <= 0 (as
+    torch's ``threshold_backward`` on the ReLU's output): the input recomputed from x (and the
+    residual z) by the forward's own formula and parameters, so bit for bit the forward's."""
+    a, e = _line_span(g, f0, f1, False)
+    _relu_gradient_elements(dy, x, z, f0, a, params, period, g)
+    line = LINE_BYTES // g.itemsize
+    step = line % period
+    c = a % period
+    for f in range(a, e, line):
+        if z is None:
+            _relu_gradient_line(g, f, (dy, x), params, c)
+        else:
+            _add_relu_gradient_line(g, f, (dy, x, z), params, c)
+        c += step
+        if c >= period:
+            c -= period
+    _relu_gradient_elements(dy, x, z, e, f1, params, period, g)
 
 
 def part(a, i, j0, j1):

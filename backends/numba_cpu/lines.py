@@ -59,6 +59,11 @@ class _Vector:
         negative = self.builder.fcmp_ordered("<", self.value, zero)
         return _Vector(self.builder, self.builder.select(negative, zero, self.value))
 
+    def passed(self, gradient):
+        zero = ir.Constant(gradient.value.type, None)
+        stopped = self.builder.fcmp_ordered("<=", self.value, ir.Constant(self.value.type, None))
+        return _Vector(self.builder, self.builder.select(stopped, zero, gradient.value))
+
 
 def _fused_multiply_add(builder, a, b, c):
     """LLVM's ``a * b + c`` rounded once, on floats or float vectors (an FMA instruction where the
@@ -116,6 +121,28 @@ def _relu_overload(v):
         if v < 0:
             return kind(0)
         return v
+
+    return impl
+
+
+def passed(v, gradient):
+    """``0 if v <= 0 else gradient``: the gradient a ReLU whose input was v lets through (torch's
+    ``threshold_backward``; a NaN input passes it), on line vectors and Numba floats alike."""
+    if not isinstance(v, _Vector):
+        raise TypeError("passed works in Numba code and in line_kernel formulas")
+    return v.passed(gradient)
+
+
+@overload(passed, inline="always")
+def _passed_overload(v, gradient):
+    if not (isinstance(v, types.Float) and isinstance(gradient, types.Float)):
+        return None
+    kind = gradient
+
+    def impl(v, gradient):
+        if v <= 0:
+            return kind(0)
+        return gradient
 
     return impl
 

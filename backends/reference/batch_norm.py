@@ -50,7 +50,7 @@ def normalize(x, mean, var, weight, bias, eps, y, residual=None, relu=False):
     _write(y, (x.astype(np.float64) - _per_channel(mean)) * _per_channel(scale) + _per_channel(bias), residual, relu)
 
 
-def relu_gradient(dy, x, mean, scale, shift, residual, g):
+def _relu_gradient(dy, x, mean, scale, shift, residual, g):
     """g = dy where the forward's ReLU passed its input (not <= 0), 0 elsewhere: the input
     recomputed from x (and the residual) with the forward's per-channel ``scale`` and ``shift``."""
     pre = (x.astype(np.float64) - _per_channel(mean)) * _per_channel(scale) + _per_channel(shift)
@@ -59,7 +59,11 @@ def relu_gradient(dy, x, mean, scale, shift, residual, g):
     g[...] = np.where(pre <= 0, 0.0, dy)
 
 
-def backward(dy, x, mean, invstd, weight, training, dx):
+def backward(dy, x, mean, invstd, weight, training, dx, relu=None):
+    if relu is not None:  # the fused ReLU's backward: dy masked into g first
+        scale, shift, residual, g = relu
+        _relu_gradient(dy, x, mean, scale, shift, residual, g)
+        dy = g
     dy64 = dy.astype(np.float64)
     xmu = x.astype(np.float64) - _per_channel(mean)
     sum_dy = dy64.sum(axis=_CHANNEL_SUM_AXES)
