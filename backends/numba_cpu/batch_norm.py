@@ -119,13 +119,16 @@ def normalize(kernels, x, mean, var, weight, bias, eps, y, residual=None, relu=F
     _normalize(kernels, x, mean, channel_scale(var, weight, float(eps)), bias, y, residual, bool(relu))
 
 
-def _masked(relu, x, dx_target):
+def _masked(relu, x, dx_target, scratch=False):
     """For the fused ReLU's backward, ``relu`` = (scale, shift, residual, g): the target of the masked
-    gradient g (dx's own when g is dx: computed in place), and the kernels' ``relu`` argument
-    (z, g, scale, shift), z and g laid out as the kernels take x."""
+    gradient g, and the kernels' ``relu`` argument (z, g, scale, shift), z and g laid out as the
+    kernels take x. g is dx itself (computed in place) when the caller wants no residual gradient,
+    or None then for kernels that mask into a ``scratch`` of their own."""
     if relu is None:
         return None, None
     scale, shift, residual, g = relu
+    if g is dx_target.y and scratch:
+        return None, (_prepared(residual, x), None, scale, shift)
     target = dx_target if g is dx_target.y else Target(g)
     grad = planes(target.array) if x.shape[2] > 1 and short_rows(x) else target.array
     return target, (_prepared(residual, x), grad, scale, shift)
@@ -151,8 +154,9 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         _finish(target, g_target)
         return sum_dy, sum_dy_xmu
     dy, x = dense(dy), dense(x)
-    g_target, masked = _masked(relu, x, target)
-    if by_channel(x, kernels):
+    fused = by_channel(x, kernels)
+    g_target, masked = _masked(relu, x, target, scratch=fused and not short_rows(x))
+    if fused:
         if short_rows(x):
             block = channel_block(x, True, kernels)
             kernels.backward_by_block(planes(dy), planes(x), inner, block, mean, invstd, weight, training, target.planes(),

@@ -33,11 +33,12 @@ def _chunk_moments(x, c, k, rows, segments):
 
 
 @njit(**NESTED)
-def _chunk_gradient_sums(dy, x, c, mean, k, rows, segments):
+def _chunk_gradient_sums(dy, cd, x, c, mean, k, rows, segments):
+    """Sums over chunk k of channel c of x and channel ``cd`` of dy (c, or 0 in a channel's scratch)."""
     r0, r1, i0, i1 = chunk_bounds(x, k, rows, segments)
     a, b = 0.0, 0.0
     for r in range(r0, r1):
-        ra, rb = gradient_sums(unit_stride(dy[r, c, i0:i1]), unit_stride(x[r, c, i0:i1]), mean)
+        ra, rb = gradient_sums(unit_stride(dy[r, cd, i0:i1]), unit_stride(x[r, c, i0:i1]), mean)
         a += ra
         b += rb
     return a, b
@@ -70,57 +71,83 @@ def _forward_train_by_channel(x, weight, bias, eps, renorm, y, z, fused_relu, me
 
 
 @njit(**NESTED)
-def _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu):
-    """Chunk k of channel c of the masked gradient, ``relu`` = (z, g, scale, shift): g = dy where the
-    forward's ReLU passed (:func:`.elements.write_relu_gradient`)."""
-    z, g, scale, shift = relu
+def _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu, g, cg):
+    """Chunk k of channel c of the masked gradient into channel ``cg`` of g (c, or 0 in a channel's
+    scratch), ``relu`` = (z, _, scale, shift): g = dy where the forward's ReLU passed
+    (:func:`.elements.write_relu_gradient`)."""
+    z, _, scale, shift = relu
     hi, lo = split_mean(g, mean[c])
     p = (hi, lo, as_element(g, scale[c]), as_element(g, shift[c]))
     r0, r1, i0, i1 = chunk_bounds(x, k, rows, segments)
     for r in range(r0, r1):
-        write_relu_gradient(dy[r, c], x[r, c], row(z, r, c), i0, i1, p, 1, g[r, c])
+        write_relu_gradient(dy[r, c], x[r, c], row(z, r, c), i0, i1, p, 1, g[r, cg])
 
 
-# With ``relu`` (the fused ReLU's backward) the backward kernels first write the masked gradient g
-# over the part they are about to sum, a chunk or a channel at a time, and then read g where they
-# would read dy: g is still in cache, so the mask costs one pass over dy and x, not three.
+# The fused ReLU's backward (``relu`` = (z, g, scale, shift)): the kernels first write the masked
+# gradient over the part they are about to sum, a chunk at a time, then read it where they would read
+# dy. One task per channel writes it to a scratch slice of its own, which stays in cache for the sums
+# and the element pass (and is streamed to g, the residual's gradient, when there is one): the mask
+# then costs nothing in memory traffic. The chunked kernels write it to g, which the element pass
+# reads.
+
+
+@njit(**NESTED)
+def _channel_backward(src, cs, x, c, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream, masking):
+    """One channel's backward, reading dy from channel ``cs`` of ``src``; with ``masking`` = (dy,
+    relu), each chunk of src is first written as the masked dy."""
+    outer, _, inner = x.shape
+    rows, segments, chunks = chunking(outer, inner)
+    prefetching = 2 * rows * min(inner, STATS_CHUNK) * x.itemsize <= PREFETCH_CHUNK_BYTES
+    a, b = 0.0, 0.0
+    for k in range(chunks):
+        if masking is not None:
+            if prefetching:
+                prefetch_chunk(masking[0], c, k + 1, rows, segments)
+                prefetch_chunk(x, c, k + 1, rows, segments)
+            _relu_gradient_chunk(masking[0], x, c, k, rows, segments, mean, masking[1], src, cs)
+        elif prefetching:
+            prefetch_chunk(src, c, k + 1, rows, segments)
+            prefetch_chunk(x, c, k + 1, rows, segments)
+        a_k, b_k = _chunk_gradient_sums(src, cs, x, c, mean[c], k, rows, segments)
+        a += a_k
+        b += b_k
+    sum_dy[c] = a
+    sum_dy_xmu[c] = b
+    if training:
+        mean_dy, k_c, scale = backward_coefficients(a, b, invstd[c], weight[c], np.float64(outer * inner))
+        fa, fb, fc = gradient_factors(mean_dy, k_c, scale)
+        params = (mean[c], fa, fb, fc)
+        for r in range(outer - 1, -1, -1):
+            write_gradient(src[r, cs], x[r, c], 0, inner, params, 1, dx[r, c], stream)
+    else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+        zero = as_element(dx, 0.0)
+        frozen = (zero, zero, as_element(dx, weight[c] * invstd[c]), zero)
+        for r in range(outer - 1, -1, -1):
+            write_affine(src[r, cs], 0, inner, frozen, 1, dx[r, c], stream)
 
 
 @kernel
 def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, relu, stream):
     outer, channels, inner = x.shape
-    rows, segments, chunks = chunking(outer, inner)
-    prefetching = 2 * rows * min(inner, STATS_CHUNK) * x.itemsize <= PREFETCH_CHUNK_BYTES
-    if relu is None:
-        grad = dy
-    else:
-        grad = relu[1]
     for c in prange(channels):
-        a, b = 0.0, 0.0
-        for k in range(chunks):
-            if prefetching:
-                prefetch_chunk(dy, c, k + 1, rows, segments)
-                prefetch_chunk(x, c, k + 1, rows, segments)
-            if relu is not None:
-                _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu)
-            a_k, b_k = _chunk_gradient_sums(grad, x, c, mean[c], k, rows, segments)
-            a += a_k
-            b += b_k
-        sum_dy[c] = a
-        sum_dy_xmu[c] = b
-        if training:
-            mean_dy, k_c, scale = backward_coefficients(a, b, invstd[c], weight[c], np.float64(outer * inner))
-            fa, fb, fc = gradient_factors(mean_dy, k_c, scale)
-            params = (mean[c], fa, fb, fc)
-            for r in range(outer - 1, -1, -1):
-                write_gradient(grad[r, c], x[r, c], 0, inner, params, 1, dx[r, c], stream)
-        else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
-            zero = as_element(dx, 0.0)
-            frozen = (zero, zero, as_element(dx, weight[c] * invstd[c]), zero)
-            for r in range(outer - 1, -1, -1):
-                write_affine(grad[r, c], 0, inner, frozen, 1, dx[r, c], stream)
+        if relu is None:
+            _channel_backward(dy, c, x, c, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream, None)
+        else:
+            scratch = np.empty((outer, 1, inner), dx.dtype)
+            _channel_backward(scratch, 0, x, c, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream, (dy, relu))
+            _store_channel(scratch, relu[1], c, stream)
         if stream:
             store_fence()
+
+
+@njit(**NESTED)
+def _store_channel(scratch, g, c, stream):
+    """The residual's gradient, channel c of g, from its scratch (nothing when g is None)."""
+    if g is not None:
+        zero = as_element(g, 0.0)
+        identity = (zero, zero, as_element(g, 1.0), zero)
+        for r in range(scratch.shape[0]):
+            write_affine(scratch[r, 0], 0, scratch.shape[2], identity, 1, g[r, c], stream)
 
 
 @kernel
@@ -146,8 +173,8 @@ def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, relu):
         k = j // channels
         c = j - k * channels
         if relu is not None:
-            _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu)
-        part_dy[k, c], part_dy_xmu[k, c] = _chunk_gradient_sums(grad, x, c, mean[c], k, rows, segments)
+            _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu, grad, c)
+        part_dy[k, c], part_dy_xmu[k, c] = _chunk_gradient_sums(grad, c, x, c, mean[c], k, rows, segments)
 
 
 @kernel
