@@ -3,16 +3,14 @@ autograd (r and d detached) on every backend, against the real Keras layers (tf-
 and Keras 3) over training steps and through their checkpoints, its schedules, and its errors."""
 
 import math
-import os
 
+import frameworks
 import numpy as np
 import pytest
 import torch
 from support import LAYOUTS, assert_matches_reference, channel_params, random_array, rel_error
 
 import accelbn as abn
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 EPS = 1e-3
 
@@ -123,69 +121,55 @@ def test_the_layer_clips_with_the_schedule_at_its_step(backend):
     np.testing.assert_allclose(layer._saved[1].r, 1.5)
 
 
-@pytest.fixture(params=["tf_keras", "keras"])
-def keras(request):
-    """tf-keras (Keras 2, the issue's peer) and Keras 3 (on TensorFlow): both keep renorm alike."""
-    import importlib
-
-    return importlib.import_module(request.param)
-
-
-def _keras_weights(layer):
-    return {w.name.split("/")[-1].split(":")[0]: np.asarray(w.numpy()) for w in layer.weights}
+# tf-keras (Keras 2, the issue's peer) and Keras 3 (on TensorFlow) keep renorm alike; both run in a
+# child process (tests/frameworks.py).
+KERAS = ["tf_keras", "keras"]
 
 
 @pytest.mark.parametrize("clipping", [{"rmin": 0.8, "rmax": 1.5, "dmax": 0.3}, {"rmax": 2.0}, None])
 @pytest.mark.parametrize("axis", [-1, 1])
-def test_matches_keras_over_training_steps(keras, backend, axis, clipping):
-    import tensorflow as tf
-
+@pytest.mark.parametrize("flavour", KERAS)
+def test_matches_keras_over_training_steps(flavour, backend, axis, clipping):
     rng = np.random.default_rng(0)
     c = 4
-    layer = keras.layers.BatchNormalization(axis=axis, renorm=True, renorm_clipping=clipping, momentum=0.8,
-                                            renorm_momentum=0.9, gamma_initializer=keras.initializers.Constant(1.3),
-                                            beta_initializer=keras.initializers.Constant(0.2))
+    shape = (16, 5, 5, c) if axis == -1 else (16, c, 5, 5)
+    batches = [(rng.standard_normal(shape) * (2 + step) + step).astype(np.float32) for step in range(4)]
+    dys = [rng.standard_normal(shape).astype(np.float32) for _ in batches]
+    x_eval = rng.standard_normal(shape).astype(np.float32)
+    layer_kwargs = dict(axis=axis, renorm=True, renorm_clipping=clipping, momentum=0.8, renorm_momentum=0.9)
+    initial = {"gamma": np.full(c, 1.3, np.float32), "beta": np.full(c, 0.2, np.float32)}
+    steps, their_eval, _ = frameworks.call("keras_steps", flavour=flavour, layer_kwargs=layer_kwargs, batches=batches,
+                                           dys=dys, x_eval=x_eval, initial=initial)
     clip = clipping or {}
     ours = abn.BatchRenorm(c, momentum=0.2, renorm_momentum=0.1, rmax=clip.get("rmax", math.inf),
                            dmax=clip.get("dmax", math.inf), rmin=clip.get("rmin", 0.0), axis=axis, backend=backend)
-    ours.weight[:], ours.bias[:] = 1.3, 0.2
-    shape = (16, 5, 5, c) if axis == -1 else (16, c, 5, 5)
-    for step in range(4):
-        x = (rng.standard_normal(shape) * (2 + step) + step).astype(np.float32)
-        dy = rng.standard_normal(shape).astype(np.float32)
-        xt = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(xt)
-            y = layer(xt, training=True)
-            loss = tf.reduce_sum(y * dy)
-        gx, gg, gb = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+    ours.load_state_dict({**ours.state_dict(layout="keras"), **initial}, layout="keras")
+    for x, dy, (y, gx, gg, gb, theirs) in zip(batches, dys, steps):
         got_y = ours(x)
         got_dx = ours.backward(dy)
         for got, want in [(got_y, y), (got_dx, gx), (ours.grad_weight, gg), (ours.grad_bias, gb)]:
-            assert rel_error(got, want.numpy()) < 1e-5
-        theirs = _keras_weights(layer)
+            assert rel_error(got, want) < 1e-5
         for name, value in ours.state_dict(layout="keras").items():
             assert rel_error(value, theirs[name]) < 1e-6, name
-    ours.eval()
-    x = rng.standard_normal(shape).astype(np.float32)
-    assert rel_error(ours(x), layer(x, training=False).numpy()) < 1e-6
+    assert rel_error(ours.eval()(x_eval), their_eval) < 1e-6
 
 
-def test_loads_a_keras_checkpoint_and_writes_one_back(keras, backend):
-    layer = keras.layers.BatchNormalization(renorm=True)
-    layer.build((None, 3))
+@pytest.mark.parametrize("flavour", KERAS)
+def test_loads_a_keras_checkpoint_and_writes_one_back(flavour, backend):
     rng = np.random.default_rng(1)
-    for w in layer.weights:
-        w.assign(rng.uniform(0.5, 2.0, w.shape).astype(np.float32))
-    theirs = _keras_weights(layer)
+    names = ["gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev"]
+    initial = {name: rng.uniform(0.5, 2.0, 3).astype(np.float32) for name in names}
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    _, their_eval, theirs = frameworks.call("keras_steps", flavour=flavour, layer_kwargs={"renorm": True}, batches=[x],
+                                            dys=[x], x_eval=x, initial=initial)
+    # one training step moved their state; load it and evaluate as they do
     ours = abn.BatchRenorm(3, backend=backend)
     ours.load_state_dict(theirs, layout="keras")
     state = ours.state_dict(layout="keras")
-    assert set(state) == set(theirs)
+    assert set(state) == set(theirs) == set(names)
     for name in theirs:
         np.testing.assert_array_equal(state[name], theirs[name])
-    x = rng.standard_normal((8, 3)).astype(np.float32)
-    assert rel_error(ours.eval()(x), layer(x, training=False).numpy()) < 1e-6
+    assert rel_error(ours.eval()(x), their_eval) < 1e-6
     with pytest.raises(KeyError, match="missing"):
         ours.load_state_dict({k: v for k, v in theirs.items() if k != "moving_stddev"}, layout="keras")
 

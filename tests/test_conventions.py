@@ -3,15 +3,12 @@ tested against the real packages: Keras 3's BatchNormalization, Flax's nn.BatchN
 BatchNormalization test cases in training mode (run through ONNX's reference evaluator too); and the
 switch that freezes the statistics after a warmup."""
 
-import os
-
+import frameworks
 import numpy as np
 import pytest
 from support import random_array, rel_error
 
 import accelbn as abn
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _train_steps(layer, batches):
@@ -30,47 +27,38 @@ def test_defaults_are_the_conventions(convention, eps, momentum):
 
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_keras_convention_matches_keras_over_training_steps(backend, axis):
-    import keras
-
     rng = np.random.default_rng(0)
     shape = (8, 5, 5, 3) if axis == -1 else (8, 3, 5, 5)
-    theirs = keras.layers.BatchNormalization(axis=axis, momentum=0.7)
-    ours = abn.BatchNorm(3, momentum=0.7, convention="keras", axis=axis, backend=backend)
     batches = [(rng.standard_normal(shape) * 3 + 1).astype(np.float32) for _ in range(3)]
-    for x in batches:
-        assert rel_error(ours(x), theirs(x, training=True).numpy()) < 1e-5
-        weights = {w.name.split("/")[-1].split(":")[0]: np.asarray(w.numpy()) for w in theirs.weights}
+    x_eval = rng.standard_normal(shape).astype(np.float32)
+    steps, their_eval, _ = frameworks.call("keras_steps", flavour="keras", layer_kwargs={"axis": axis, "momentum": 0.7},
+                                           batches=batches, dys=batches, x_eval=x_eval)
+    ours = abn.BatchNorm(3, momentum=0.7, convention="keras", axis=axis, backend=backend)
+    for x, (y, _, _, _, theirs) in zip(batches, steps):
+        assert rel_error(ours(x), y) < 1e-5
         for name, value in ours.state_dict(layout="keras").items():
-            assert rel_error(value, weights[name]) < 1e-6, name
-    x = rng.standard_normal(shape).astype(np.float32)
-    assert rel_error(ours.eval()(x), theirs(x, training=False).numpy()) < 1e-6
+            assert rel_error(value, theirs[name]) < 1e-6, name
+    assert rel_error(ours.eval()(x_eval), their_eval) < 1e-6
     # The biased variance is the convention: torch's rule would differ by n / (n - 1).
     torch_rule = _train_steps(abn.BatchNorm(3, eps=1e-3, momentum=0.3, axis=axis), batches)
     assert rel_error(torch_rule.running_var, ours.running_var) > 1e-3
 
 
 def test_flax_convention_matches_flax_batch_norm(backend):
-    import flax.linen as nn
-    import jax
-
     rng = np.random.default_rng(1)
-    module = nn.BatchNorm(use_running_average=False, momentum=0.8, epsilon=1e-5, use_fast_variance=False)
-    x0 = rng.standard_normal((16, 6)).astype(np.float32)
-    variables = module.init(jax.random.PRNGKey(0), x0)
     params = {"params": {"scale": rng.uniform(0.5, 2, 6).astype(np.float32),
                          "bias": rng.standard_normal(6).astype(np.float32)},
-              "batch_stats": variables["batch_stats"]}
+              "batch_stats": {"mean": np.zeros(6, np.float32), "var": np.ones(6, np.float32)}}
+    batches = [(rng.standard_normal((16, 6)) * (step + 1) + step).astype(np.float32) for step in range(3)]
+    steps = frameworks.call("flax_steps", momentum=0.8, params=params, batches=batches)
     ours = abn.BatchNorm(6, momentum=0.8, convention="flax", axis=-1, backend=backend)
-    ours.load_state_dict(jax.tree_util.tree_map(np.asarray, params), layout="flax")
-    for step in range(3):
-        x = (rng.standard_normal((16, 6)) * (step + 1) + step).astype(np.float32)
-        y, updates = module.apply(params, x, mutable=["batch_stats"])
-        params = {**params, "batch_stats": updates["batch_stats"]}
-        assert rel_error(ours(x), np.asarray(y)) < 1e-5
+    ours.load_state_dict(params, layout="flax")
+    for x, (y, theirs) in zip(batches, steps):
+        assert rel_error(ours(x), y) < 1e-5
         state = ours.state_dict(layout="flax")
         for collection in ("params", "batch_stats"):
             for name, value in state[collection].items():
-                assert rel_error(value, np.asarray(params[collection][name])) < 1e-6, (collection, name)
+                assert rel_error(value, theirs[collection][name]) < 1e-6, (collection, name)
 
 
 def _onnx_training_cases(monkeypatch):
