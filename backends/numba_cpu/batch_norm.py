@@ -149,7 +149,7 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
     target = Target(dx)
     if inner == 1:
         dy, x = contiguous(dy), contiguous(x)
-        g_target, masked = _masked(relu, x, target)
+        g_target, masked = _masked(relu, x, target, scratch=True)
         kernels.backward_channels_last(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, masked, stream)
         _finish(target, g_target)
         return sum_dy, sum_dy_xmu

@@ -9,7 +9,7 @@ thousand elements, each further call from Python costs as much as the work. They
 import numpy as np
 from numba import njit, prange
 
-from accelbn.backends.numba_cpu.elements import affine_tables, flat, line_tables, write_affine, write_gradient, write_relu_gradient
+from accelbn.backends.numba_cpu.elements import affine_tables, flat, line_tables, span, write_affine, write_gradient, write_relu_gradient
 from accelbn.backends.numba_cpu.lines import store_fence
 from accelbn.backends.numba_cpu.reductions import gradient_columns, merge_moments, shifted_columns, squared_deviation_columns, sum_parts
 from accelbn.backends.numba_cpu.runtime import NESTED, OPTIONS, kernel
@@ -118,51 +118,76 @@ def _normalize_channels_last(x3, mean, scale, shift, y3, z3, fused_relu, stream)
             store_fence()
 
 
+@njit(**NESTED)
+def _masked_span(dy, x, z, g, f0, f1, tables, channels, again):
+    """Elements [f0, f1) (whole rows) of the fused ReLU's masked gradient: written into g, the
+    residual's gradient, when there is one (and read back from it ``again``), else into a scratch of
+    the block's own, recomputed when asked ``again``: no full-size array but the caller's."""
+    if g is None:
+        out = np.empty(f1 - f0, dy.dtype)
+    else:
+        out = g[f0:f1]
+        if again:
+            return out
+    write_relu_gradient(dy[f0:f1], x[f0:f1], span(z, f0, f1), 0, f1 - f0, tables, channels, out)
+    return out
+
+
 @kernel
 def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy, sum_dy_xmu, relu, stream):
-    """With ``relu`` = (z, g, scale, shift), each row block first writes its rows of the masked gradient
-    g (:func:`.elements.write_relu_gradient`), sums them from cache, and g is read for dy after."""
+    """With ``relu`` = (z, g, scale, shift), each row block first writes its rows of the masked
+    gradient (:func:`_masked_span`) and sums them from cache; the element pass masks its block again
+    (or reads g)."""
     rows, channels, _ = x3.shape
-    if relu is None:
-        grad3 = dy3
-    else:
-        grad3 = relu[1]
-    dy = grad3.reshape(rows, channels)
+    dy = dy3.reshape(rows, channels)
     x = x3.reshape(rows, channels)
     dx = dx3.reshape(-1)
+    flat_dy = dy3.reshape(-1)
+    flat_x = x3.reshape(-1)
     block_rows = rows_per_block(channels)
+    block = block_rows * channels
     blocks = (rows + block_rows - 1) // block_rows
     part_dy = np.empty((blocks, channels))
     part_dy_xmu = np.empty((blocks, channels))
     for b in prange(blocks):
         r0 = b * block_rows
         r1 = min(r0 + block_rows, rows)
-        if relu is not None:
-            z, g, scale, shift = relu
-            g_flat = g.reshape(-1)
-            tables = affine_tables(g_flat, mean, scale, shift)
-            write_relu_gradient(dy3.reshape(-1), x3.reshape(-1), flat(z), r0 * channels, r1 * channels, tables, channels, g_flat)
-        _row_block_gradient_sums(dy, x, mean, r0, r1, part_dy[b], part_dy_xmu[b])
+        if relu is None:
+            _row_block_gradient_sums(dy, x, mean, r0, r1, part_dy[b], part_dy_xmu[b])
+        else:
+            masked = _masked_span(flat_dy, flat_x, flat(relu[0]), flat(relu[1]), r0 * channels, r1 * channels,
+                                  affine_tables(dx, mean, relu[2], relu[3]), channels, False)
+            _row_block_gradient_sums(masked.reshape(r1 - r0, channels), x[r0:r1], mean, 0, r1 - r0, part_dy[b], part_dy_xmu[b])
     sum_parts(part_dy, sum_dy)
     sum_parts(part_dy_xmu, sum_dy_xmu)
-    flat_dy = dy.reshape(-1)
-    block = block_rows * channels
     if training:
         params = np.empty((4, channels))  # the gradient computes in float64
         for c in range(channels):
-            mean_dy, k, scale = backward_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], weight[c], np.float64(rows))
+            mean_dy, k, scale_c = backward_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], weight[c], np.float64(rows))
             params[0, c] = mean[c]
-            params[1, c], params[2, c], params[3, c] = gradient_factors(mean_dy, k, scale)
+            params[1, c], params[2, c], params[3, c] = gradient_factors(mean_dy, k, scale_c)
         tables = line_tables(params, dx)
-        flat_x = x.reshape(-1)
         for b in prange(blocks):
-            write_gradient(flat_dy, flat_x, b * block, min(b * block + block, flat_dy.shape[0]), tables, channels, dx, stream)
+            f0, f1 = b * block, min(b * block + block, flat_dy.shape[0])
+            source = _source_span(flat_dy, flat_x, f0, f1, mean, relu, dx, channels)
+            write_gradient(source, flat_x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream)
             if stream:
                 store_fence()
     else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
         zeros = np.zeros(channels)
         tables = affine_tables(dx, zeros, weight * invstd, zeros)
         for b in prange(blocks):
-            write_affine(flat_dy, b * block, min(b * block + block, flat_dy.shape[0]), tables, channels, dx, stream)
+            f0, f1 = b * block, min(b * block + block, flat_dy.shape[0])
+            source = _source_span(flat_dy, flat_x, f0, f1, mean, relu, dx, channels)
+            write_affine(source, 0, f1 - f0, tables, channels, dx[f0:f1], stream)
             if stream:
                 store_fence()
+
+
+@njit(**NESTED)
+def _source_span(dy, x, f0, f1, mean, relu, like, channels):
+    """What the element pass reads for dy over elements [f0, f1) (whole rows): dy itself, or with
+    ``relu`` the masked gradient (:func:`_masked_span`, again)."""
+    if relu is None:
+        return dy[f0:f1]
+    return _masked_span(dy, x, flat(relu[0]), flat(relu[1]), f0, f1, affine_tables(like, mean, relu[2], relu[3]), channels, True)

@@ -200,6 +200,17 @@ def _row_overload(a, r, c):
     return lambda a, r, c: a[r, c]
 
 
+def span(a, f0, f1):
+    """``a[f0:f1]``, or None where ``a`` is None."""
+
+
+@overload(span, inline="always")
+def _span_overload(a, f0, f1):
+    if isinstance(a, types.NoneType):
+        return lambda a, f0, f1: None
+    return lambda a, f0, f1: a[f0:f1]
+
+
 def flat(a):
     """``a.reshape(-1)``, or None where ``a`` is None."""
 
