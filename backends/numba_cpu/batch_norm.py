@@ -24,6 +24,7 @@ from accelbn.backends.numba_cpu import runtime, tiling
 from accelbn.backends.numba_cpu.reductions import merge_moments, sum_parts
 from accelbn.backends.numba_cpu.scalars import backward_coefficients, channel_affines, channel_scale, gradient_factors
 from accelbn.backends.numba_cpu.tiling import (
+    ROW_SEGMENT,
     SHORT_ROW,
     Target,
     by_channel,
@@ -155,7 +156,9 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         return sum_dy, sum_dy_xmu
     dy, x = dense(dy), dense(x)
     fused = by_channel(x, kernels)
-    g_target, masked = _masked(relu, x, target, scratch=fused and not short_rows(x))
+    # the chunked long-row kernels mask into per-thread buffers, their frozen element pass does not
+    own_buffers = not fused and not short_rows(x) and training
+    g_target, masked = _masked(relu, x, target, scratch=fused or own_buffers)
     if fused:
         if short_rows(x):
             block = channel_block(x, True, kernels)
@@ -172,7 +175,8 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         block = channel_block(x, False, kernels)
         kernels.block_gradient_sums_all(planes(dy), planes(x), inner, block, mean, part_dy, part_dy_xmu, masked)
     else:
-        kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, masked)
+        buffers = np.empty((numba.config.NUMBA_NUM_THREADS, min(inner, ROW_SEGMENT)), x.dtype) if masked else None
+        kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, masked, buffers)
     sum_parts(part_dy, sum_dy)
     sum_parts(part_dy_xmu, sum_dy_xmu)
     if g_target is not None:  # the element pass reads the masked gradient
@@ -188,7 +192,8 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         block = channel_block(x, False, kernels)
         kernels.gradient_blocks(planes(dy), planes(x), inner, block, row_groups(x, block, kernels), params, target.planes(), stream)
     else:
-        kernels.gradient_channels_first(dy, x, params, target.array, segment_tasks(x, kernels), stream)
+        masking = masked if masked is not None and masked[1] is None else None  # masked again, segment by segment
+        kernels.gradient_channels_first(dy, x, params, target.array, segment_tasks(x, kernels), masking, buffers, stream)
     _finish(target, g_target)
     return sum_dy, sum_dy_xmu
 

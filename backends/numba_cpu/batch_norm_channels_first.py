@@ -6,9 +6,9 @@ same slice while it is still in cache, so a train forward reads x from memory on
 statistics and the element passes each run in parallel over all chunks or row segments."""
 
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
-from accelbn.backends.numba_cpu.elements import affine_params, row, write_affine, write_gradient, write_relu_gradient
+from accelbn.backends.numba_cpu.elements import affine_params, row, span, write_affine, write_gradient, write_relu_gradient
 from accelbn.backends.numba_cpu.lines import store_fence, unit_stride
 from accelbn.backends.numba_cpu.reductions import chan_merge, gradient_sums, sum_shifted, sum_squared_deviations
 from accelbn.backends.numba_cpu.runtime import NESTED, kernel
@@ -161,20 +161,46 @@ def _chunk_moments_all(x, count, part_mean, part_m2):
         count[k], part_mean[k, c], part_m2[k, c] = _chunk_moments(x, c, k, rows, segments)
 
 
+@njit(**NESTED)
+def _masked_row(dy, x, z, f0, f1, mean, scale, shift, buffer):
+    """dy's row span [f0, f1) masked by the forward's ReLU into the start of ``buffer``; returns it."""
+    hi, lo = split_mean(buffer, mean)
+    p = (hi, lo, as_element(buffer, scale), as_element(buffer, shift))
+    write_relu_gradient(dy[f0:f1], x[f0:f1], span(z, f0, f1), 0, f1 - f0, p, 1, buffer)
+    return buffer[: f1 - f0]
+
+
+@njit(**NESTED)
+def _chunk_sums_masked(dy, x, c, mean, k, rows, segments, relu, g, buffers):
+    """:func:`_chunk_gradient_sums` of the masked gradient: into g when there is one (the residual's
+    gradient, which the element pass reads), else a row at a time into this thread's buffer, summed
+    from there (the element pass masks again: no full-size array)."""
+    if g is not None:
+        _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu, g, c)
+        return _chunk_gradient_sums(g, c, x, c, mean[c], k, rows, segments)
+    z, _, scale, shift = relu
+    buffer = buffers[get_thread_id()]
+    r0, r1, i0, i1 = chunk_bounds(x, k, rows, segments)
+    a, b = 0.0, 0.0
+    for r in range(r0, r1):
+        masked = _masked_row(dy[r, c], x[r, c], row(z, r, c), i0, i1, mean[c], scale[c], shift[c], buffer)
+        ra, rb = gradient_sums(unit_stride(masked), unit_stride(x[r, c, i0:i1]), mean[c])
+        a += ra
+        b += rb
+    return a, b
+
+
 @kernel
-def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, relu):
+def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, relu, buffers):
     outer, channels, inner = x.shape
     rows, segments, chunks = chunking(outer, inner)
-    if relu is None:
-        grad = dy
-    else:
-        grad = relu[1]
     for j in prange(chunks * channels):
         k = j // channels
         c = j - k * channels
-        if relu is not None:
-            _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu, grad, c)
-        part_dy[k, c], part_dy_xmu[k, c] = _chunk_gradient_sums(grad, c, x, c, mean[c], k, rows, segments)
+        if relu is None:
+            part_dy[k, c], part_dy_xmu[k, c] = _chunk_gradient_sums(dy, c, x, c, mean[c], k, rows, segments)
+        else:
+            part_dy[k, c], part_dy_xmu[k, c] = _chunk_sums_masked(dy, x, c, mean, k, rows, segments, relu, relu[1], buffers)
 
 
 @kernel
@@ -191,11 +217,18 @@ def _normalize_channels_first(x, mean, scale, shift, y, z, fused_relu, tasks, st
 
 
 @kernel
-def _gradient_channels_first(dy, x, params, dx, tasks, stream):
+def _gradient_channels_first(dy, x, params, dx, tasks, relu, buffers, stream):
+    """The training gradient over the row segments; with ``relu`` = (z, None, scale, shift), of dy
+    masked a segment at a time into this thread's buffer (:func:`_chunk_sums_masked`)."""
     for t in prange(tasks):
         for u in task_segments(x, t, tasks):
             r, c, f0, f1 = segment(x, u)
             p = (params[0][c], params[1][c], params[2][c], params[3][c])
-            write_gradient(dy[r, c], x[r, c], f0, f1, p, 1, dx[r, c], stream)
+            if relu is None:
+                write_gradient(dy[r, c], x[r, c], f0, f1, p, 1, dx[r, c], stream)
+            else:
+                masked = _masked_row(dy[r, c], x[r, c], row(relu[0], r, c), f0, f1, params[0][c], relu[2][c], relu[3][c],
+                                     buffers[get_thread_id()])
+                write_gradient(masked, x[r, c, f0:f1], 0, f1 - f0, p, 1, dx[r, c, f0:f1], stream)
         if stream:
             store_fence()

@@ -115,47 +115,59 @@ def _forward_train_by_block(x, inner, block, weight, bias, eps, renorm, y, z, fu
 
 
 @njit(**NESTED)
-def _relu_gradient_block(dy, x, inner, c0, c1, r0, r1, mean, relu):
-    """Rows [r0, r1) of channels [c0, c1) of the masked gradient, ``relu`` = (z, g, scale, shift), as
-    :func:`.batch_norm_channels_first._relu_gradient_chunk`."""
-    z, g, scale, shift = relu
-    params = affine_params(g, mean[c0:c1], scale[c0:c1], shift[c0:c1])
+def _relu_gradient_block(dy, x, inner, c0, c1, r0, r1, mean, relu, out):
+    """Rows [r0, r1) of channels [c0, c1) of the masked gradient into ``out``'s rows (the block's
+    columns), ``relu`` = (z, g, scale, shift), as :func:`.batch_norm_channels_first._relu_gradient_chunk`."""
+    z, _, scale, shift = relu
+    params = affine_params(out, mean[c0:c1], scale[c0:c1], shift[c0:c1])
     tables = _block_tables(params, 0, c1 - c0, inner)
     j0 = c0 * inner
     j1 = c1 * inner
     for r in range(r0, r1):
-        write_relu_gradient(dy[r, j0:j1], x[r, j0:j1], part(z, r, j0, j1), 0, j1 - j0, tables, j1 - j0, g[r, j0:j1])
+        write_relu_gradient(dy[r, j0:j1], x[r, j0:j1], part(z, r, j0, j1), 0, j1 - j0, tables, j1 - j0, out[r])
+
+
+@njit(**NESTED)
+def _block_scratch(g, j0, j1, like):
+    """Where a block's masked gradient goes: its columns of g (the residual's gradient), or with no g
+    a scratch of the block's own, which stays in cache."""
+    if g is None:
+        return np.empty((like.shape[0], j1 - j0), like.dtype)
+    return g[:, j0:j1]
 
 
 @kernel
 def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, relu, stream):
-    """:func:`_backward_by_channel` for short rows, one task per block of channels."""
+    """:func:`_backward_by_channel` for short rows, one task per block of channels, on the block's
+    columns of dy (or of its masked gradient, with ``relu``) and x."""
     outer = x.shape[0]
     channels = x.shape[1] // inner
     rows = chunking(outer, inner)[0]
-    if relu is None:
-        grad = dy
-    else:
-        grad = relu[1]
     for b in prange((channels + block - 1) // block):
         c0 = b * block
         c1 = min(c0 + block, channels)
+        j0 = c0 * inner
+        j1 = c1 * inner
+        if relu is None:
+            src = dy[:, j0:j1]
+        else:
+            src = _block_scratch(relu[1], j0, j1, x)
+        xs = x[:, j0:j1]
         chunk_dy = np.empty(c1 - c0)
         chunk_dy_xmu = np.empty(c1 - c0)
         total_dy = np.zeros(c1 - c0)
         total_dy_xmu = np.zeros(c1 - c0)
         for r0 in range(0, outer, rows):
+            r1 = min(r0 + rows, outer)
             if relu is not None:
-                _relu_gradient_block(dy, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, relu)
-            _block_gradient_sums(grad, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, chunk_dy, chunk_dy_xmu)
+                _relu_gradient_block(dy, x, inner, c0, c1, r0, r1, mean, relu, src)
+            _block_gradient_sums(src, xs, inner, 0, c1 - c0, r0, r1, mean[c0:c1], chunk_dy, chunk_dy_xmu)
             for c in range(c1 - c0):
                 total_dy[c] += chunk_dy[c]
                 total_dy_xmu[c] += chunk_dy_xmu[c]
         for c in range(c0, c1):
             sum_dy[c] = total_dy[c - c0]
             sum_dy_xmu[c] = total_dy_xmu[c - c0]
-        j0 = c0 * inner
-        j1 = c1 * inner
         if training:
             mean_dy = np.empty(c1 - c0)
             k = np.empty(c1 - c0)
@@ -167,7 +179,7 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
             fa, fb, fc = gradient_factors(mean_dy, k, scale)
             params = (spread(mean[c0:c1], inner), spread(fa, inner), spread(fb, inner), spread(fc, inner))
             for r in range(outer - 1, -1, -1):
-                write_gradient(grad[r, j0:j1], x[r, j0:j1], 0, j1 - j0, params, j1 - j0, dx[r, j0:j1], stream)
+                write_gradient(src[r], xs[r], 0, j1 - j0, params, j1 - j0, dx[r, j0:j1], stream)
         else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
             zero = as_element(dx, 0.0)
             frozen_scale = np.empty(c1 - c0, dx.dtype)
@@ -175,7 +187,7 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
                 frozen_scale[c - c0] = as_element(dx, weight[c] * invstd[c])
             frozen = (zero, zero, spread(frozen_scale, inner), zero)
             for r in range(outer - 1, -1, -1):
-                write_affine(grad[r, j0:j1], 0, j1 - j0, frozen, j1 - j0, dx[r, j0:j1], stream)
+                write_affine(src[r], 0, j1 - j0, frozen, j1 - j0, dx[r, j0:j1], stream)
         if stream:
             store_fence()
 
@@ -211,7 +223,7 @@ def _block_gradient_sums_all(dy, x, inner, block, mean, part_dy, part_dy_xmu, re
         c1 = min(c0 + block, channels)
         r0 = k * rows
         if relu is not None:
-            _relu_gradient_block(dy, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, relu)
+            _relu_gradient_block(dy, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, relu, grad[:, c0 * inner:c1 * inner])
         _block_gradient_sums(
             grad, x, inner, c0, c1, r0, min(r0 + rows, outer), mean, part_dy[k, c0:c1], part_dy_xmu[k, c0:c1]
         )
