@@ -1,6 +1,8 @@
 """GPU timings of accelbn's CuPy backend: train, eval and backward over the CPU benchmark grid plus
 ResNet-50's batch-norm shapes (NCHW and NHWC, float32 and float16), each against a device-to-device
-copy of x and against PyTorch (cuDNN) on the same GPU when a CUDA build of torch is installed.
+copy of x and against PyTorch (cuDNN) on the same GPU when a CUDA build of torch is installed; and
+the fused ReLU and residual-plus-ReLU (train forward and backward) and Batch Renormalization's train
+forward, whose ratios to the train and backward rows are the fused ops' cost.
 
     python benchmarks/gpu_bench.py [--repeat 20] [--quick]
 
@@ -31,7 +33,8 @@ QUICK_GRID = (
     Case((64, 56, 56, 256), "NHWC"),
     Case((64, 256, 56, 56), "NCHW", np.float16),
 )
-PASSES = ("train", "eval", "backward")
+PASSES = ("train", "eval", "backward", "relu train", "add_relu train", "renorm train", "relu backward",
+          "add_relu backward")
 
 
 def _elapsed_ms(cupy, call):
@@ -49,12 +52,24 @@ def _accelbn_calls(cupy, case, x, dy):
     running_mean, running_var = cupy.zeros(channels, cupy.float32), cupy.ones(channels, cupy.float32)
     out = cupy.empty_like(x)
     _, stats = abn.batch_norm(x, None, None, weight, bias, True, axis=case.axis, return_stats=True)
+    z = cupy.ascontiguousarray(dy[::-1])  # a residual: any array of x's shape
+    fused = {residual: abn.batch_norm_relu(x, None, None, weight, bias, True, residual=z if residual else None,
+                                           axis=case.axis, return_stats=True)[1] for residual in (False, True)}
+    renorm = [cupy.zeros(channels, cupy.float32), cupy.ones(channels, cupy.float32), cupy.ones(channels, cupy.float32),
+              cupy.zeros(channels, cupy.float32), cupy.ones(channels, cupy.float32)]
     return {
         "train": lambda: abn.batch_norm(
             x, running_mean, running_var, weight, bias, True, MOMENTUM, EPS, axis=case.axis, out=out
         ),
         "eval": lambda: abn.batch_norm(x, running_mean, running_var, weight, bias, False, axis=case.axis, out=out),
         "backward": lambda: abn.batch_norm_backward(dy, x, stats, weight, axis=case.axis, out=out),
+        "relu train": lambda: abn.batch_norm_relu(x, None, None, weight, bias, True, axis=case.axis, out=out),
+        "add_relu train": lambda: abn.batch_norm_relu(x, None, None, weight, bias, True, residual=z, axis=case.axis,
+                                                      out=out),
+        "renorm train": lambda: abn.batch_renorm(x, *renorm, weight, bias, True, axis=case.axis, out=out),
+        "relu backward": lambda: abn.batch_norm_relu_backward(dy, x, fused[False], weight, bias, axis=case.axis, out=out),
+        "add_relu backward": lambda: abn.batch_norm_relu_backward(dy, x, fused[True], weight, bias, residual=z,
+                                                                  axis=case.axis, out=out),
     }
 
 
@@ -105,7 +120,7 @@ def measure(cupy, grid, repeat):
         ours = _accelbn_calls(cupy, case, x, dy)
         theirs = _torch_calls(case, x, dy, torch) if torch is not None else {}
         for name in PASSES:
-            calls = [copy, ours[name]] + ([theirs[name]] if theirs else [])
+            calls = [copy, ours[name]] + ([theirs[name]] if name in theirs else [])
             for call in calls:
                 call()  # warm-up: compiles, fills the memory pool
             times = [[] for _ in calls]

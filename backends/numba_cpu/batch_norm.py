@@ -25,6 +25,7 @@ from accelbn.backends.numba_cpu.reductions import merge_moments, sum_parts
 from accelbn.backends.numba_cpu.scalars import backward_coefficients, channel_affines, channel_scale, gradient_factors
 from accelbn.backends.numba_cpu.tiling import (
     ROW_SEGMENT,
+    rows_per_block,
     SHORT_ROW,
     Target,
     by_channel,
@@ -151,7 +152,9 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
     if inner == 1:
         dy, x = contiguous(dy), contiguous(x)
         g_target, masked = _masked(relu, x, target, scratch=True)
-        kernels.backward_channels_last(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, masked, stream)
+        buffers = _thread_buffers(masked, rows_per_block.py_func(channels) * channels, x.dtype)
+        kernels.backward_channels_last(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, masked,
+                                       buffers, stream)
         _finish(target, g_target)
         return sum_dy, sum_dy_xmu
     dy, x = dense(dy), dense(x)
@@ -175,7 +178,7 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         block = channel_block(x, False, kernels)
         kernels.block_gradient_sums_all(planes(dy), planes(x), inner, block, mean, part_dy, part_dy_xmu, masked)
     else:
-        buffers = np.empty((numba.config.NUMBA_NUM_THREADS, min(inner, ROW_SEGMENT)), x.dtype) if masked else None
+        buffers = _thread_buffers(masked, min(inner, ROW_SEGMENT), x.dtype)
         kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, masked, buffers)
     sum_parts(part_dy, sum_dy)
     sum_parts(part_dy_xmu, sum_dy_xmu)
@@ -196,6 +199,12 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         kernels.gradient_channels_first(dy, x, params, target.array, segment_tasks(x, kernels), masking, buffers, stream)
     _finish(target, g_target)
     return sum_dy, sum_dy_xmu
+
+
+def _thread_buffers(masked, size, dtype):
+    """A buffer of ``size`` elements per thread (``numba.get_thread_id()``) for kernels that mask the
+    fused ReLU's gradient a span at a time; None without a mask."""
+    return None if masked is None else np.empty((numba.config.NUMBA_NUM_THREADS, size), dtype)
 
 
 def _finish(target, g_target):
