@@ -23,11 +23,18 @@ template <typename T, int V, bool LOAD> __device__ __forceinline__ Pack<T, V> lo
     return Pack<T, V>{};
 }
 
-// The normalize pass's value of one element, in the compute type: one function for the forward and
-// the ReLU's backward, so that both compile it alike.
-template <typename T, typename A> __device__ __forceinline__ A affine(const SplitMean<A>& mu, T x, A scale, A shift) {
-    return mu.centre(to_compute(x)) * scale + shift;
-}
+// A channel's normalize: (x - mean) * scale + shift in the compute type, the mean split. One struct for
+// the forward and the ReLU's backward, so that both compile the element's value alike.
+template <typename A> struct ChannelAffine {
+    SplitMean<A> mu;
+    A scale, shift;
+    ChannelAffine() = default;
+    __device__ __forceinline__ ChannelAffine(const double* mean, const double* scale_, const double* shift_, index_t c)
+        : mu(mean[c]), scale(static_cast<A>(scale_[c])), shift(static_cast<A>(shift_[c])) {}
+    template <typename T> __device__ __forceinline__ A operator()(T x) const {
+        return mu.centre(to_compute(x)) * scale + shift;
+    }
+};
 
 template <typename T, bool RESIDUAL> __device__ __forceinline__ T relu_input(typename Compute<T>::type pre, T z) {
     T v = from_compute<T>(pre);
@@ -78,14 +85,13 @@ template <typename T, int V, int E> __global__ void __launch_bounds__(MAX_BLOCK,
     const index_t cols = inner / V, vectors = outer * cols, items = channels * tiles;
     for (index_t i = blockIdx.x; i < items; i += gridDim.x) {
         const Tile tile(items - 1 - i, tiles, tile_vectors, vectors);
-        const SplitMean<A> mu(mean[tile.channel]);
-        const A a = static_cast<A>(scale[tile.channel]), b = static_cast<A>(bias[tile.channel]);
+        const ChannelAffine<A> affine(mean, scale, bias, tile.channel);
         Cursor at(tile.begin + threadIdx.x, blockDim.x, cols);
         for (index_t v = tile.begin + threadIdx.x; v < tile.end; v += blockDim.x, at.advance()) {
             Pack<T, V> p = load<T, V>(x + xs.at(at.row, tile.channel, at.col * V));
             const Pack<T, V> r = load_if<T, V, E == ADD_RELU>(z + zs.at(at.row, tile.channel, at.col * V));
 #pragma unroll
-            for (int j = 0; j < V; ++j) p.v[j] = finish<T, E>(affine(mu, p.v[j], a, b), r.v[j]);
+            for (int j = 0; j < V; ++j) p.v[j] = finish<T, E>(affine(p.v[j]), r.v[j]);
             store<T, V>(y + ys.at(at.row, tile.channel, at.col * V), p);
         }
     }
@@ -219,19 +225,14 @@ template <typename T, int V, int E> __global__ void __launch_bounds__(MAX_BLOCK,
         const RowTile tile(items - 1 - i, channel_blocks, lanes, V, tile_rows, rows);
         const index_t c = tile.channel0 + lane * V;
         if (c >= channels) continue;
-        SplitMean<A> mu[V];
-        A a[V], b[V];
+        ChannelAffine<A> affine[V];
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-            mu[j] = SplitMean<A>(mean[c + j]);
-            a[j] = static_cast<A>(scale[c + j]);
-            b[j] = static_cast<A>(bias[c + j]);
-        }
+        for (int j = 0; j < V; ++j) affine[j] = ChannelAffine<A>(mean, scale, bias, c + j);
         for (index_t r = tile.row_begin + row0; r < tile.row_end; r += row_step) {
             Pack<T, V> p = load<T, V>(x + xs.at(r, c, 0));
             const Pack<T, V> q = load_if<T, V, E == ADD_RELU>(z + zs.at(r, c, 0));
 #pragma unroll
-            for (int j = 0; j < V; ++j) p.v[j] = finish<T, E>(affine(mu[j], p.v[j], a[j], b[j]), q.v[j]);
+            for (int j = 0; j < V; ++j) p.v[j] = finish<T, E>(affine[j](p.v[j]), q.v[j]);
             store<T, V>(y + ys.at(r, c, 0), p);
         }
     }
@@ -325,8 +326,7 @@ template <typename T, int V, bool RESIDUAL> __global__ void __launch_bounds__(MA
     const index_t cols = inner / V, vectors = outer * cols, items = channels * tiles;
     for (index_t i = blockIdx.x; i < items; i += gridDim.x) {
         const Tile tile(i, tiles, tile_vectors, vectors);
-        const SplitMean<A> mu(mean[tile.channel]);
-        const A a = static_cast<A>(scale[tile.channel]), b = static_cast<A>(shift[tile.channel]);
+        const ChannelAffine<A> affine(mean, scale, shift, tile.channel);
         Cursor at(tile.begin + threadIdx.x, blockDim.x, cols);
         for (index_t v = tile.begin + threadIdx.x; v < tile.end; v += blockDim.x, at.advance()) {
             Pack<T, V> d = load<T, V>(dy + dys.at(at.row, tile.channel, at.col * V));
@@ -334,7 +334,7 @@ template <typename T, int V, bool RESIDUAL> __global__ void __launch_bounds__(MA
             const Pack<T, V> r = load_if<T, V, RESIDUAL>(z + zs.at(at.row, tile.channel, at.col * V));
 #pragma unroll
             for (int j = 0; j < V; ++j) {
-                const T in = relu_input<T, RESIDUAL>(affine(mu, p.v[j], a, b), r.v[j]);
+                const T in = relu_input<T, RESIDUAL>(affine(p.v[j]), r.v[j]);
                 if (to_compute(in) <= A(0)) d.v[j] = from_compute<T>(A(0));
             }
             store<T, V>(g + gs.at(at.row, tile.channel, at.col * V), d);
@@ -359,21 +359,16 @@ template <typename T, int V, bool RESIDUAL> __global__ void __launch_bounds__(MA
         const RowTile tile(i, channel_blocks, lanes, V, tile_rows, rows);
         const index_t c = tile.channel0 + lane * V;
         if (c >= channels) continue;
-        SplitMean<A> mu[V];
-        A a[V], b[V];
+        ChannelAffine<A> affine[V];
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-            mu[j] = SplitMean<A>(mean[c + j]);
-            a[j] = static_cast<A>(scale[c + j]);
-            b[j] = static_cast<A>(shift[c + j]);
-        }
+        for (int j = 0; j < V; ++j) affine[j] = ChannelAffine<A>(mean, scale, shift, c + j);
         for (index_t r = tile.row_begin + row0; r < tile.row_end; r += row_step) {
             Pack<T, V> d = load<T, V>(dy + dys.at(r, c, 0));
             const Pack<T, V> p = load<T, V>(x + xs.at(r, c, 0));
             const Pack<T, V> q = load_if<T, V, RESIDUAL>(z + zs.at(r, c, 0));
 #pragma unroll
             for (int j = 0; j < V; ++j) {
-                const T in = relu_input<T, RESIDUAL>(affine(mu[j], p.v[j], a[j], b[j]), q.v[j]);
+                const T in = relu_input<T, RESIDUAL>(affine[j](p.v[j]), q.v[j]);
                 if (to_compute(in) <= A(0)) d.v[j] = from_compute<T>(A(0));
             }
             store<T, V>(g + gs.at(r, c, 0), d);

@@ -24,8 +24,6 @@ from accelbn.backends.numba_cpu import runtime, tiling
 from accelbn.backends.numba_cpu.reductions import merge_moments, sum_parts
 from accelbn.backends.numba_cpu.scalars import backward_coefficients, channel_affines, channel_scale, gradient_factors
 from accelbn.backends.numba_cpu.tiling import (
-    ROW_SEGMENT,
-    rows_per_block,
     SHORT_ROW,
     Target,
     by_channel,
@@ -152,14 +150,12 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
     if inner == 1:
         dy, x = contiguous(dy), contiguous(x)
         g_target, masked = _masked(relu, x, target, scratch=True)
-        buffers = _thread_buffers(masked, rows_per_block.py_func(channels) * channels, x.dtype)
-        kernels.backward_channels_last(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, masked,
-                                       buffers, stream)
+        kernels.backward_channels_last(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, masked, stream)
         _finish(target, g_target)
         return sum_dy, sum_dy_xmu
     dy, x = dense(dy), dense(x)
     fused = by_channel(x, kernels)
-    # the chunked long-row kernels mask into per-thread buffers, their frozen element pass does not
+    # the chunked long-row kernels mask into buffers of their own, their frozen element pass does not
     own_buffers = not fused and not short_rows(x) and training
     g_target, masked = _masked(relu, x, target, scratch=fused or own_buffers)
     if fused:
@@ -178,8 +174,7 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         block = channel_block(x, False, kernels)
         kernels.block_gradient_sums_all(planes(dy), planes(x), inner, block, mean, part_dy, part_dy_xmu, masked)
     else:
-        buffers = _thread_buffers(masked, min(inner, ROW_SEGMENT), x.dtype)
-        kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, masked, buffers)
+        kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, masked)
     sum_parts(part_dy, sum_dy)
     sum_parts(part_dy_xmu, sum_dy_xmu)
     if g_target is not None:  # the element pass reads the masked gradient
@@ -196,15 +191,9 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         kernels.gradient_blocks(planes(dy), planes(x), inner, block, row_groups(x, block, kernels), params, target.planes(), stream)
     else:
         masking = masked if masked is not None and masked[1] is None else None  # masked again, segment by segment
-        kernels.gradient_channels_first(dy, x, params, target.array, segment_tasks(x, kernels), masking, buffers, stream)
+        kernels.gradient_channels_first(dy, x, params, target.array, segment_tasks(x, kernels), masking, stream)
     _finish(target, g_target)
     return sum_dy, sum_dy_xmu
-
-
-def _thread_buffers(masked, size, dtype):
-    """A buffer of ``size`` elements per thread (``numba.get_thread_id()``) for kernels that mask the
-    fused ReLU's gradient a span at a time; None without a mask."""
-    return None if masked is None else np.empty((numba.config.NUMBA_NUM_THREADS, size), dtype)
 
 
 def _finish(target, g_target):

@@ -6,14 +6,14 @@ same slice while it is still in cache, so a train forward reads x from memory on
 statistics and the element passes each run in parallel over all chunks or row segments."""
 
 import numpy as np
-from numba import get_thread_id, njit, prange
+from numba import njit, prange
 
 from accelbn.backends.numba_cpu.elements import affine_params, row, span, write_affine, write_gradient, write_relu_gradient
 from accelbn.backends.numba_cpu.lines import store_fence, unit_stride
 from accelbn.backends.numba_cpu.reductions import chan_merge, gradient_sums, sum_shifted, sum_squared_deviations
 from accelbn.backends.numba_cpu.runtime import NESTED, kernel
 from accelbn.backends.numba_cpu.scalars import as_element, backward_coefficients, channel_affine, gradient_factors, split_mean
-from accelbn.backends.numba_cpu.tiling import PREFETCH_CHUNK_BYTES, STATS_CHUNK, chunk_bounds, chunking, prefetch_chunk, segment, task_segments
+from accelbn.backends.numba_cpu.tiling import PREFETCH_CHUNK_BYTES, ROW_SEGMENT, STATS_CHUNK, chunk_bounds, chunking, prefetch_chunk, segment, task_segments
 
 
 @njit(**NESTED)
@@ -171,16 +171,16 @@ def _masked_row(dy, x, z, f0, f1, mean, scale, shift, buffer):
 
 
 @njit(**NESTED)
-def _chunk_sums_masked(dy, x, c, mean, k, rows, segments, relu, g, buffers):
+def _chunk_sums_masked(dy, x, c, mean, k, rows, segments, relu, g):
     """:func:`_chunk_gradient_sums` of the masked gradient: into g when there is one (the residual's
-    gradient, which the element pass reads), else a row at a time into this thread's buffer, summed
+    gradient, which the element pass reads), else a row at a time into a chunk-sized buffer, summed
     from there (the element pass masks again: no full-size array)."""
     if g is not None:
         _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu, g, c)
         return _chunk_gradient_sums(g, c, x, c, mean[c], k, rows, segments)
     z, _, scale, shift = relu
-    buffer = buffers[get_thread_id()]
     r0, r1, i0, i1 = chunk_bounds(x, k, rows, segments)
+    buffer = np.empty(i1 - i0, x.dtype)
     a, b = 0.0, 0.0
     for r in range(r0, r1):
         masked = _masked_row(dy[r, c], x[r, c], row(z, r, c), i0, i1, mean[c], scale[c], shift[c], buffer)
@@ -191,7 +191,7 @@ def _chunk_sums_masked(dy, x, c, mean, k, rows, segments, relu, g, buffers):
 
 
 @kernel
-def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, relu, buffers):
+def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, relu):
     outer, channels, inner = x.shape
     rows, segments, chunks = chunking(outer, inner)
     for j in prange(chunks * channels):
@@ -200,7 +200,7 @@ def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, relu, buffers):
         if relu is None:
             part_dy[k, c], part_dy_xmu[k, c] = _chunk_gradient_sums(dy, c, x, c, mean[c], k, rows, segments)
         else:
-            part_dy[k, c], part_dy_xmu[k, c] = _chunk_sums_masked(dy, x, c, mean, k, rows, segments, relu, relu[1], buffers)
+            part_dy[k, c], part_dy_xmu[k, c] = _chunk_sums_masked(dy, x, c, mean, k, rows, segments, relu, relu[1])
 
 
 @kernel
@@ -217,10 +217,11 @@ def _normalize_channels_first(x, mean, scale, shift, y, z, fused_relu, tasks, st
 
 
 @kernel
-def _gradient_channels_first(dy, x, params, dx, tasks, relu, buffers, stream):
+def _gradient_channels_first(dy, x, params, dx, tasks, relu, stream):
     """The training gradient over the row segments; with ``relu`` = (z, None, scale, shift), of dy
-    masked a segment at a time into this thread's buffer (:func:`_chunk_sums_masked`)."""
+    masked a segment at a time into the task's buffer (:func:`_chunk_sums_masked`)."""
     for t in prange(tasks):
+        buffer = np.empty(min(x.shape[2], ROW_SEGMENT) if relu is not None else 0, x.dtype)
         for u in task_segments(x, t, tasks):
             r, c, f0, f1 = segment(x, u)
             p = (params[0][c], params[1][c], params[2][c], params[3][c])
@@ -228,7 +229,7 @@ def _gradient_channels_first(dy, x, params, dx, tasks, relu, buffers, stream):
                 write_gradient(dy[r, c], x[r, c], f0, f1, p, 1, dx[r, c], stream)
             else:
                 masked = _masked_row(dy[r, c], x[r, c], row(relu[0], r, c), f0, f1, params[0][c], relu[2][c], relu[3][c],
-                                     buffers[get_thread_id()])
+                                     buffer)
                 write_gradient(masked, x[r, c, f0:f1], 0, f1 - f0, p, 1, dx[r, c, f0:f1], stream)
         if stream:
             store_fence()

@@ -7,7 +7,7 @@ thousand elements, each further call from Python costs as much as the work. They
 """
 
 import numpy as np
-from numba import get_thread_id, njit, prange
+from numba import njit, prange
 
 from accelbn.backends.numba_cpu.elements import affine_tables, flat, line_tables, span, write_affine, write_gradient, write_relu_gradient
 from accelbn.backends.numba_cpu.lines import store_fence
@@ -119,12 +119,12 @@ def _normalize_channels_last(x3, mean, scale, shift, y3, z3, fused_relu, stream)
 
 
 @njit(**NESTED)
-def _masked_span(dy, x, z, g, f0, f1, tables, channels, again, buffers):
+def _masked_span(dy, x, z, g, f0, f1, tables, channels, again):
     """Elements [f0, f1) (whole rows) of the fused ReLU's masked gradient: written into g, the
-    residual's gradient, when there is one (and read back from it ``again``), else into this
-    thread's buffer, recomputed when asked ``again``: no full-size array but the caller's."""
+    residual's gradient, when there is one (and read back from it ``again``), else into a scratch
+    of the block's own, recomputed when asked ``again``: no full-size array but the caller's."""
     if g is None:
-        out = buffers[get_thread_id(), : f1 - f0]
+        out = np.empty(f1 - f0, dy.dtype)
     else:
         out = g[f0:f1]
         if again:
@@ -134,7 +134,7 @@ def _masked_span(dy, x, z, g, f0, f1, tables, channels, again, buffers):
 
 
 @kernel
-def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy, sum_dy_xmu, relu, buffers, stream):
+def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy, sum_dy_xmu, relu, stream):
     """With ``relu`` = (z, g, scale, shift), each row block first writes its rows of the masked
     gradient (:func:`_masked_span`) and sums them from cache; the element pass masks its block again
     (or reads g)."""
@@ -156,7 +156,7 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
             _row_block_gradient_sums(dy, x, mean, r0, r1, part_dy[b], part_dy_xmu[b])
         else:
             masked = _masked_span(flat_dy, flat_x, flat(relu[0]), flat(relu[1]), r0 * channels, r1 * channels,
-                                  affine_tables(dx, mean, relu[2], relu[3]), channels, False, buffers)
+                                  affine_tables(dx, mean, relu[2], relu[3]), channels, False)
             _row_block_gradient_sums(masked.reshape(r1 - r0, channels), x[r0:r1], mean, 0, r1 - r0, part_dy[b], part_dy_xmu[b])
     sum_parts(part_dy, sum_dy)
     sum_parts(part_dy_xmu, sum_dy_xmu)
@@ -169,7 +169,7 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
         tables = line_tables(params, dx)
         for b in prange(blocks):
             f0, f1 = b * block, min(b * block + block, flat_dy.shape[0])
-            source = _source_span(flat_dy, flat_x, f0, f1, mean, relu, dx, channels, buffers)
+            source = _source_span(flat_dy, flat_x, f0, f1, mean, relu, dx, channels)
             write_gradient(source, flat_x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream)
             if stream:
                 store_fence()
@@ -178,17 +178,17 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
         tables = affine_tables(dx, zeros, weight * invstd, zeros)
         for b in prange(blocks):
             f0, f1 = b * block, min(b * block + block, flat_dy.shape[0])
-            source = _source_span(flat_dy, flat_x, f0, f1, mean, relu, dx, channels, buffers)
+            source = _source_span(flat_dy, flat_x, f0, f1, mean, relu, dx, channels)
             write_affine(source, 0, f1 - f0, tables, channels, dx[f0:f1], stream)
             if stream:
                 store_fence()
 
 
 @njit(**NESTED)
-def _source_span(dy, x, f0, f1, mean, relu, like, channels, buffers):
+def _source_span(dy, x, f0, f1, mean, relu, like, channels):
     """What the element pass reads for dy over elements [f0, f1) (whole rows): dy itself, or with
     ``relu`` the masked gradient (:func:`_masked_span`, again)."""
     if relu is None:
         return dy[f0:f1]
     return _masked_span(dy, x, flat(relu[0]), flat(relu[1]), f0, f1, affine_tables(like, mean, relu[2], relu[3]), channels,
-                        True, buffers)
+                        True)
