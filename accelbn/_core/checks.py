@@ -84,6 +84,12 @@ def channel_vector(v, name, channels, library, writable=False):
         updated_in_place(v, name)
 
 
+def like_x(a, name, x, library):
+    """An array that goes with x (dy, a residual): a float array of x's library, shape and dtype."""
+    float_array(a, name, library)
+    same_shape_and_dtype(a, name, x)
+
+
 def same_shape_and_dtype(a, name, x):
     if a.shape != x.shape:
         raise ValueError(f"{name} must have the shape of x {x.shape}, got {a.shape}")

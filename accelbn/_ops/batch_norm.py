@@ -93,8 +93,7 @@ def forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
         raise ValueError("running_mean and running_var are required when training=False")
     inputs = [("x", x)]
     if residual is not None:
-        checks.float_array(residual, "residual", library)
-        checks.same_shape_and_dtype(residual, "residual", x)
+        checks.like_x(residual, "residual", x, library)
         inputs.append(("residual", residual))
     checks.output_array(out, library, x, inputs)
     if library == CUPY:
@@ -162,8 +161,7 @@ def backward(dy, x, stats, weight, training, axis, out, backend, relu=False, bia
     kernels = kernels_for(backend, library, _OPERATION)
     axis = checks.float_input(x, axis, library)
     channels = x.shape[axis]
-    checks.float_array(dy, "dy", library)
-    checks.same_shape_and_dtype(dy, "dy", x)
+    checks.like_x(dy, "dy", x, library)
     if not hasattr(stats, "mean") or not hasattr(stats, "invstd"):
         raise TypeError(f"stats must be a BatchStats (with .mean and .invstd), got {type(stats).__name__}")
     checks.channel_vector(stats.mean, "stats.mean", channels, library)
@@ -178,8 +176,7 @@ def backward(dy, x, stats, weight, training, axis, out, backend, relu=False, bia
                 raise TypeError(f"{name} must be float64, as batch_norm_relu(..., return_stats=True) saves it "
                                 f"(the ReLU's mask is recomputed from it bit for bit), got {v.dtype}")
         if residual is not None:
-            checks.float_array(residual, "residual", library)
-            checks.same_shape_and_dtype(residual, "residual", x)
+            checks.like_x(residual, "residual", x, library)
             inputs.append(("residual", residual))
     checks.output_array(out, library, x, inputs)
     if library == CUPY:

@@ -139,8 +139,7 @@ def check_stats(stats, rows, library, centered):
 def backward(dy, x, stats, rows, kernels, library, weight, centered, trained, out):
     """``(dx, dweight, dbias)``: dweight and dbias of weight's shape (or G * K entries), in weight's
     dtype, or the statistics' without a weight."""
-    checks.float_array(dy, "dy", library)
-    checks.same_shape_and_dtype(dy, "dy", x)
+    checks.like_x(dy, "dy", x, library)
     checks.output_array(out, library, x, [("dy", dy), ("x", x)])
     with device_of(x):
         xp = namespace(library)

@@ -155,9 +155,9 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         return sum_dy, sum_dy_xmu
     dy, x = dense(dy), dense(x)
     fused = by_channel(x, kernels)
-    # the chunked long-row kernels mask into buffers of their own, their frozen element pass does not
-    own_buffers = not fused and not short_rows(x) and training
-    g_target, masked = _masked(relu, x, target, scratch=fused or own_buffers)
+    # the chunked long-row kernels mask into scratch of their own too, but their frozen element pass does not
+    chunked_scratch = not fused and not short_rows(x) and training
+    g_target, masked = _masked(relu, x, target, scratch=fused or chunked_scratch)
     if fused:
         if short_rows(x):
             block = channel_block(x, True, kernels)

@@ -7,7 +7,8 @@ thousand elements, each further call from Python costs as much as the work. They
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from accelbn.backends.numba_cpu.elements import affine_tables, flat, line_tables, span, write_affine, write_gradient, write_relu_gradient
 from accelbn.backends.numba_cpu.lines import store_fence
@@ -149,6 +150,7 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
     blocks = (rows + block_rows - 1) // block_rows
     part_dy = np.empty((blocks, channels))
     part_dy_xmu = np.empty((blocks, channels))
+    masks = _mask_tables(dx, mean, relu)
     for b in prange(blocks):
         r0 = b * block_rows
         r1 = min(r0 + block_rows, rows)
@@ -156,7 +158,7 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
             _row_block_gradient_sums(dy, x, mean, r0, r1, part_dy[b], part_dy_xmu[b])
         else:
             masked = _masked_span(flat_dy, flat_x, flat(relu[0]), flat(relu[1]), r0 * channels, r1 * channels,
-                                  affine_tables(dx, mean, relu[2], relu[3]), channels, False)
+                                  masks, channels, False)
             _row_block_gradient_sums(masked.reshape(r1 - r0, channels), x[r0:r1], mean, 0, r1 - r0, part_dy[b], part_dy_xmu[b])
     sum_parts(part_dy, sum_dy)
     sum_parts(part_dy_xmu, sum_dy_xmu)
@@ -169,7 +171,7 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
         tables = line_tables(params, dx)
         for b in prange(blocks):
             f0, f1 = b * block, min(b * block + block, flat_dy.shape[0])
-            source = _source_span(flat_dy, flat_x, f0, f1, mean, relu, dx, channels)
+            source = _source_span(flat_dy, flat_x, f0, f1, relu, masks, channels)
             write_gradient(source, flat_x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream)
             if stream:
                 store_fence()
@@ -178,17 +180,28 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
         tables = affine_tables(dx, zeros, weight * invstd, zeros)
         for b in prange(blocks):
             f0, f1 = b * block, min(b * block + block, flat_dy.shape[0])
-            source = _source_span(flat_dy, flat_x, f0, f1, mean, relu, dx, channels)
+            source = _source_span(flat_dy, flat_x, f0, f1, relu, masks, channels)
             write_affine(source, 0, f1 - f0, tables, channels, dx[f0:f1], stream)
             if stream:
                 store_fence()
 
 
+def _mask_tables(like, mean, relu):
+    """The masked gradient's element tables (:func:`.elements.affine_tables`), once per call; None
+    without ``relu``."""
+
+
+@overload(_mask_tables, inline="always")
+def _mask_tables_overload(like, mean, relu):
+    if isinstance(relu, types.NoneType):
+        return lambda like, mean, relu: None
+    return lambda like, mean, relu: affine_tables(like, mean, relu[2], relu[3])
+
+
 @njit(**NESTED)
-def _source_span(dy, x, f0, f1, mean, relu, like, channels):
+def _source_span(dy, x, f0, f1, relu, masks, channels):
     """What the element pass reads for dy over elements [f0, f1) (whole rows): dy itself, or with
     ``relu`` the masked gradient (:func:`_masked_span`, again)."""
     if relu is None:
         return dy[f0:f1]
-    return _masked_span(dy, x, flat(relu[0]), flat(relu[1]), f0, f1, affine_tables(like, mean, relu[2], relu[3]), channels,
-                        True)
+    return _masked_span(dy, x, flat(relu[0]), flat(relu[1]), f0, f1, masks, channels, True)
