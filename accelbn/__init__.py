@@ -47,6 +47,7 @@ from accelbn._ops.layer_norm import (  # noqa: E402
     rms_norm_backward,
 )
 from accelbn._ops.row_norm import Stats  # noqa: E402
+from accelbn._ops.sync_batch_norm import SyncBatchNorm, SyncError, sync_batch_norm, sync_batch_norm_backward  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,8 @@ __all__ = [
     "Ramp",
     "RenormStats",
     "Stats",
+    "SyncBatchNorm",
+    "SyncError",
     "available_backends",
     "batch_norm",
     "batch_norm_backward",
@@ -78,4 +81,6 @@ __all__ = [
     "layer_norm_backward",
     "rms_norm",
     "rms_norm_backward",
+    "sync_batch_norm",
+    "sync_batch_norm_backward",
 ]

@@ -30,8 +30,41 @@ class BatchStats(NamedTuple):
     invstd: np.ndarray
 
 
-def _count_per_channel(x, axis):
+def count_per_channel(x, axis):
     return math.prod(n for a, n in enumerate(x.shape) if a != axis)
+
+
+def check_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out, backend, residual=None):
+    """The forward's argument checks, but for the count of values per channel: ``(library, kernels,
+    axis, training, momentum, eps)``, each checked and normalized."""
+    library = checks.array_library(x, "x")
+    kernels = kernels_for(backend, library, _OPERATION)
+    axis = checks.float_input(x, axis, library)
+    channels = x.shape[axis]
+    training = checks.boolean(training, "training")
+    momentum = checks.real_number(momentum, "momentum")
+    eps = checks.real_number(eps, "eps", minimum=0.0)
+    if training and eps == 0.0:  # a constant channel would divide by zero
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    checks.channel_vector(weight, "weight", channels, library)
+    checks.channel_vector(bias, "bias", channels, library)
+    checks.channel_vector(running_mean, "running_mean", channels, library, writable=training)
+    checks.channel_vector(running_var, "running_var", channels, library, writable=training)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if training:
+        checks.distinct_buffers(running_mean, "running_mean", running_var, "running_var")
+    elif running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    inputs = [("x", x)]
+    if residual is not None:
+        checks.like_x(residual, "residual", x, library)
+        inputs.append(("residual", residual))
+    checks.output_array(out, library, x, inputs)
+    if library == CUPY:
+        vectors = [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)]
+        checks.same_device(x, [*vectors, ("residual", residual), ("out", out)])
+    return library, kernels, axis, training, momentum, eps
 
 
 def batch_norm(
@@ -69,36 +102,12 @@ def forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
             backend, residual=None, relu=False, exact_stats=False):
     """:func:`batch_norm`, and with ``relu`` the fused ReLU (after adding ``residual``, when given);
     ``exact_stats`` saves the statistics in float64, as the fused backward needs them."""
-    library = checks.array_library(x, "x")
-    kernels = kernels_for(backend, library, _OPERATION)
-    axis = checks.float_input(x, axis, library)
+    library, kernels, axis, training, momentum, eps = check_forward(x, running_mean, running_var, weight, bias, training,
+                                                                    momentum, eps, axis, out, backend, residual)
     channels = x.shape[axis]
-    training = checks.boolean(training, "training")
-    momentum = checks.real_number(momentum, "momentum")
-    eps = checks.real_number(eps, "eps", minimum=0.0)
-    if training and eps == 0.0:  # a constant channel would divide by zero
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    checks.channel_vector(weight, "weight", channels, library)
-    checks.channel_vector(bias, "bias", channels, library)
-    checks.channel_vector(running_mean, "running_mean", channels, library, writable=training)
-    checks.channel_vector(running_var, "running_var", channels, library, writable=training)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
-    if training:
-        checks.distinct_buffers(running_mean, "running_mean", running_var, "running_var")
-        count = _count_per_channel(x, axis)
-        if count == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-    elif running_mean is None:
-        raise ValueError("running_mean and running_var are required when training=False")
-    inputs = [("x", x)]
-    if residual is not None:
-        checks.like_x(residual, "residual", x, library)
-        inputs.append(("residual", residual))
-    checks.output_array(out, library, x, inputs)
-    if library == CUPY:
-        vectors = [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)]
-        checks.same_device(x, [*vectors, ("residual", residual), ("out", out)])
+    count = count_per_channel(x, axis)
+    if training and count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
 
     with device_of(x):
         xp = namespace(library)
@@ -112,23 +121,34 @@ def forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
             mean = var = xp.full(channels, np.nan)
         elif training:
             mean, var = kernels.forward_train(views.input3(x, layout, dtype), weight64, bias64, eps, y.view, None, z, relu)
-            if running_mean is not None:
-                new_mean = running_average(running_mean, mean, momentum)
-                new_var = running_average(running_var, var * (count / (count - 1)) if unbiased else var, momentum)
-                xp.copyto(running_mean, new_mean, casting="same_kind")
-                xp.copyto(running_var, new_var, casting="same_kind")
+            update_running(xp, running_mean, running_var, mean, var, count, momentum, unbiased)
         else:
             mean = running_mean.astype(np.float64)
             var = running_var.astype(np.float64)
             if x.size:
                 kernels.normalize(views.input3(x, layout, dtype), mean, var, weight64, bias64, eps, y.view, z, relu)
 
-        result = y.result()
-        if return_stats:
-            invstd = inverse_std(var, eps)  # only the saved statistics need it
-            saved = np.dtype(np.float64) if exact_stats else stats_dtype(x.dtype)
-            return result, BatchStats(mean.astype(saved), invstd.astype(saved))
+        return finish_forward(y.result(), x, mean, var, eps, return_stats, exact_stats)
+
+
+def update_running(xp, running_mean, running_var, mean, var, count, momentum, unbiased):
+    """Blend a batch's float64 mean and biased var (over ``count`` values per channel) into the
+    running statistics in place, with the unbiased variance unless ``unbiased`` is False."""
+    if running_mean is None:
+        return
+    new_mean = running_average(running_mean, mean, momentum)
+    new_var = running_average(running_var, var * (count / (count - 1)) if unbiased else var, momentum)
+    xp.copyto(running_mean, new_mean, casting="same_kind")
+    xp.copyto(running_var, new_var, casting="same_kind")
+
+
+def finish_forward(result, x, mean, var, eps, return_stats, exact_stats=False):
+    """The forward's return value: y, or (y, BatchStats) in x's stats dtype (float64 if ``exact_stats``)."""
+    if not return_stats:
         return result
+    invstd = inverse_std(var, eps)  # only the saved statistics need it
+    saved = np.dtype(np.float64) if exact_stats else stats_dtype(x.dtype)
+    return result, BatchStats(mean.astype(saved), invstd.astype(saved))
 
 
 def batch_norm_backward(dy, x, stats, weight=None, *, training=True, axis=1, out=None, backend=None):
@@ -152,11 +172,8 @@ def gradient_dtype(weight, x, *gradients):
     return tuple(g.astype(dtype) for g in gradients)
 
 
-def backward(dy, x, stats, weight, training, axis, out, backend, relu=False, bias=None, residual=None, weight_scale=None):
-    """:func:`batch_norm_backward` with float64 parameter gradients; with ``relu`` the fused ReLU's,
-    its mask recomputed from x (and ``residual``) by the forward's own formula from ``bias`` and the
-    float64 stats, also returning the residual's gradient. ``weight_scale`` multiplies the weight in
-    dx (Batch Renormalization's r). Returns (dx, dresidual or None, dweight, dbias)."""
+def check_backward(dy, x, stats, weight, axis, backend):
+    """The checks every batch-norm backward shares: ``(library, kernels, axis)``."""
     library = checks.array_library(x, "x")
     kernels = kernels_for(backend, library, _OPERATION)
     axis = checks.float_input(x, axis, library)
@@ -167,6 +184,16 @@ def backward(dy, x, stats, weight, training, axis, out, backend, relu=False, bia
     checks.channel_vector(stats.mean, "stats.mean", channels, library)
     checks.channel_vector(stats.invstd, "stats.invstd", channels, library)
     checks.channel_vector(weight, "weight", channels, library)
+    return library, kernels, axis
+
+
+def backward(dy, x, stats, weight, training, axis, out, backend, relu=False, bias=None, residual=None, weight_scale=None):
+    """:func:`batch_norm_backward` with float64 parameter gradients; with ``relu`` the fused ReLU's,
+    its mask recomputed from x (and ``residual``) by the forward's own formula from ``bias`` and the
+    float64 stats, also returning the residual's gradient. ``weight_scale`` multiplies the weight in
+    dx (Batch Renormalization's r). Returns (dx, dresidual or None, dweight, dbias)."""
+    library, kernels, axis = check_backward(dy, x, stats, weight, axis, backend)
+    channels = x.shape[axis]
     training = checks.boolean(training, "training")
     inputs = [("dy", dy), ("x", x)]
     if relu:
@@ -291,7 +318,7 @@ class BatchNorm(Layer):
 
     def __repr__(self):
         return (
-            f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
             + ("" if self.bias is not None or not self.affine else ", bias=False")
             + ("" if self.convention == "torch" else f", convention={self.convention!r}")
@@ -317,14 +344,18 @@ class BatchNorm(Layer):
         if momentum is None:  # a cumulative average over the batches seen, this one included
             momentum = 1.0 / float(self.num_batches_tracked + 1) if updates_running else 0.0
         use_batch_stats = (self.training and not self.frozen) or not self.track_running_stats
-        y, stats = forward(x, self.running_mean, self.running_var, self.weight, self.bias, use_batch_stats, momentum,
-                           self.eps, self.axis, None, True, rule.unbiased, self.backend)
+        y, stats = self._normalize(x, use_batch_stats, momentum, rule.unbiased)
         if updates_running:
             self.num_batches_tracked += 1
             if self.freeze_after is not None and self.num_batches_tracked >= self.freeze_after:
                 self.frozen = True
         self._save(x, stats, use_batch_stats)
         return y
+
+    def _normalize(self, x, use_batch_stats, momentum, unbiased):
+        """(y, BatchStats): the forward's arithmetic on the layer's arrays."""
+        return forward(x, self.running_mean, self.running_var, self.weight, self.bias, use_batch_stats, momentum,
+                       self.eps, self.axis, None, True, unbiased, self.backend)
 
     def _backward(self, dy, x, stats, use_batch_stats):
         return batch_norm_backward(dy, x, stats, self.weight, training=use_batch_stats, axis=self.axis, backend=self.backend)

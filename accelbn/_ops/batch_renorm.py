@@ -139,7 +139,7 @@ def batch_renorm(
         for i, (a_name, a) in enumerate(named):
             for b_name, b in named[i + 1:]:
                 checks.distinct_buffers(a, a_name, b, b_name)
-        if bn._count_per_channel(x, axis) == 1:
+        if bn.count_per_channel(x, axis) == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
     checks.output_array(out, library, x, [("x", x)])
     if library == CUPY:

@@ -13,7 +13,7 @@ import numpy as np
 
 from accelbn.backends.cuda import launcher
 from accelbn.backends.cuda.launcher import CTYPES, ChannelPlan, channel_vectors, i64, strides
-from accelbn.backends.formulas import inverse_std, renorm_affine, renorm_correction
+from accelbn.backends.formulas import backward_coefficients, inverse_std, renorm_affine, renorm_correction
 
 SOURCE = pathlib.Path(__file__).with_name("batch_norm.cu")
 STORAGE_DTYPES = launcher.STORAGE_DTYPES
@@ -58,8 +58,8 @@ def _epilogue(residual, relu):
     return 2 if residual is not None else int(bool(relu))
 
 
-def forward_train(x, weight, bias, eps, y, renorm=None, residual=None, relu=False):
-    plan = ChannelPlan([x, y] if residual is None else [x, residual, y])
+def _moments(plan, x, weight, eps):
+    """The per-channel mean, biased variance and weight / sqrt(var + eps) of x."""
     part_mean, part_m2 = plan.partials(2)
     (part_n,) = plan.partials(1, np.int64)
     launcher.launch(
@@ -74,6 +74,20 @@ def forward_train(x, weight, bias, eps, y, renorm=None, residual=None, relu=Fals
         plan.channels,
         (part_mean, part_m2, part_n, i64(plan.channels), i64(plan.tiles), weight, np.float64(eps), mean, var, scale),
     )
+    return mean, var, scale
+
+
+def moments(x):
+    """The per-channel mean and biased variance of x, nothing written: a worker's share of a
+    synchronized batch's statistics."""
+    ones = channel_vectors(x.shape[1], 1)[0]
+    ones.fill(1.0)
+    return _moments(ChannelPlan([x]), x, ones, 1.0)[:2]
+
+
+def forward_train(x, weight, bias, eps, y, renorm=None, residual=None, relu=False):
+    plan = ChannelPlan([x, y] if residual is None else [x, residual, y])
+    mean, var, scale = _moments(plan, x, weight, eps)
     shift = bias
     if renorm is not None:  # per-channel vector arithmetic, in the same double formulas as the CPU's
         scale, shift = renorm_affine(mean, var, eps, weight, bias, *renorm_correction(mean, var, eps, *renorm))
@@ -112,6 +126,13 @@ def backward(dy, x, mean, invstd, weight, training, dx, relu=None):
         _relu_gradient(dy, x, mean, scale, shift, residual, g)
         dy = g
     plan = ChannelPlan([dy, x, dx])
+    sum_dy, sum_dy_xmu, mean_dy, k, scale = _gradient_sums(plan, dy, x, mean, invstd, weight, np.float64(x.shape[0] * x.shape[2]))
+    _gradient(plan, dy, x, mean, mean_dy, k, scale, dx, training)
+    return sum_dy, sum_dy_xmu
+
+
+def _gradient_sums(plan, dy, x, mean, invstd, weight, count):
+    """The per-channel sums of dy and dy * (x - mean), and the gradient's coefficients over ``count``."""
     part_dy, part_dy_xmu = plan.partials(2)
     launcher.launch(
         _element_kernel(plan, x.dtype, "gradient_sums"),
@@ -119,17 +140,33 @@ def backward(dy, x, mean, invstd, weight, training, dx, relu=None):
         (dy, *strides(dy), x, *strides(x), *plan.shape_args, mean, part_dy, part_dy_xmu),
         plan.reduction_shared_mem,
     )
-    sum_dy, sum_dy_xmu, mean_dy, k, scale = channel_vectors(plan.channels, 5)
-    count = np.float64(x.shape[0] * x.shape[2])
+    vectors = channel_vectors(plan.channels, 5)
     launcher.launch_per_channel(
         _kernel(x.dtype, "finish_gradient_sums"),
         plan.channels,
-        (part_dy, part_dy_xmu, i64(plan.channels), i64(plan.tiles), invstd, weight, count,
-         sum_dy, sum_dy_xmu, mean_dy, k, scale),
+        (part_dy, part_dy_xmu, i64(plan.channels), i64(plan.tiles), invstd, weight, count, *vectors),
     )
+    return vectors
+
+
+def _gradient(plan, dy, x, mean, mean_dy, k, scale, dx, training=True):
     launcher.launch(
         _element_kernel(plan, x.dtype, "gradient", "true" if training else "false"),
         plan.items,
         (dy, *strides(dy), x, *strides(x), dx, *strides(dx), *plan.shape_args, mean, mean_dy, k, scale),
     )
-    return sum_dy, sum_dy_xmu
+
+
+def gradient_sums(dy, x, mean):
+    """The per-channel sums of dy and of dy * (x - mean), nothing written: a worker's share of a
+    synchronized batch's gradient sums."""
+    ones = channel_vectors(x.shape[1], 1)[0]
+    ones.fill(1.0)
+    return _gradient_sums(ChannelPlan([dy, x]), dy, x, mean, ones, ones, np.float64(1.0))[:2]
+
+
+def gradient(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
+    """The training gradient into dx from given channel sums over ``count`` elements: a synchronized
+    batch's, of which dy and x are a worker's part."""
+    mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, float(count))
+    _gradient(ChannelPlan([dy, x, dx]), dy, x, mean, mean_dy, k, scale, dx)

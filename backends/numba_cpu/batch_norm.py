@@ -81,6 +81,14 @@ def forward_train(kernels, x, weight, bias, eps, y, renorm=None, residual=None, 
         target.finish()
         return mean, var
     x = dense(x)
+    _chunked_moments(kernels, x, mean, var)
+    _normalize(kernels, x, mean, *channel_affines(mean, var, weight, bias, eps, renorm), y, residual, relu)
+    return mean, var
+
+
+def _chunked_moments(kernels, x, mean, var):
+    """The statistics of the dense channels-first x, in parallel over fixed chunks, merged in order."""
+    outer, channels, inner = x.shape
     chunks = chunking(outer, inner)[2]
     count = np.empty(chunks)
     part_mean = np.empty((chunks, channels))
@@ -90,7 +98,19 @@ def forward_train(kernels, x, weight, bias, eps, y, renorm=None, residual=None, 
     else:
         kernels.chunk_moments_all(x, count, part_mean, part_m2)
     merge_moments(count, part_mean, part_m2, mean, var)
-    _normalize(kernels, x, mean, *channel_affines(mean, var, weight, bias, eps, renorm), y, residual, relu)
+
+
+@runtime.entry
+def moments(kernels, x):
+    """The per-channel mean and biased variance of x, nothing written: a worker's share of a
+    synchronized batch's statistics."""
+    channels, inner = x.shape[1:]
+    mean = np.empty(channels)
+    var = np.empty(channels)
+    if inner == 1:
+        kernels.moments_channels_last(contiguous(x), mean, var)
+    else:
+        _chunked_moments(kernels, dense(x), mean, var)
     return mean, var
 
 
@@ -167,6 +187,24 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
             kernels.backward_by_channel(dy, x, mean, invstd, weight, training, target.array, sum_dy, sum_dy_xmu, masked, stream)
         _finish(target, g_target)
         return sum_dy, sum_dy_xmu
+    _chunked_gradient_sums(kernels, dy, x, mean, masked, sum_dy, sum_dy_xmu)
+    if g_target is not None:  # the element pass reads the masked gradient
+        dy = g_target.array
+    if not training:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
+        zeros = np.zeros(channels)
+        _normalize(kernels, dy, zeros, weight * invstd, zeros, target.array)
+        _finish(target, g_target)
+        return sum_dy, sum_dy_xmu
+    params = _gradient_params(mean, invstd, weight, sum_dy, sum_dy_xmu, outer * inner)
+    masking = masked if masked is not None and masked[1] is None else None  # masked again, segment by segment
+    _chunked_gradient(kernels, dy, x, params, target, masking, stream)
+    _finish(target, g_target)
+    return sum_dy, sum_dy_xmu
+
+
+def _chunked_gradient_sums(kernels, dy, x, mean, masked, sum_dy, sum_dy_xmu):
+    """The gradient sums of the dense channels-first dy and x, in parallel over fixed chunks."""
+    outer, channels, inner = x.shape
     chunks = chunking(outer, inner)[2]
     part_dy = np.empty((chunks, channels))
     part_dy_xmu = np.empty((chunks, channels))
@@ -177,23 +215,50 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         kernels.chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, masked)
     sum_parts(part_dy, sum_dy)
     sum_parts(part_dy_xmu, sum_dy_xmu)
-    if g_target is not None:  # the element pass reads the masked gradient
-        dy = g_target.array
-    if not training:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
-        zeros = np.zeros(channels)
-        _normalize(kernels, dy, zeros, weight * invstd, zeros, target.array)
-        _finish(target, g_target)
-        return sum_dy, sum_dy_xmu
-    factors = gradient_factors(*backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, outer * inner))
-    params = np.array((mean, *factors))  # the gradient computes in float64
+
+
+def _gradient_params(mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    """The element pass's per-channel rows: mean and the factors of dx = a * dy + b * (x - mean) + c,
+    in float64 (the gradient computes in float64)."""
+    return np.array((mean, *gradient_factors(*backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, count))))
+
+
+def _chunked_gradient(kernels, dy, x, params, target, masking, stream):
+    """The training gradient's element pass over the dense channels-first dy and x."""
+    inner = x.shape[2]
     if short_rows(x):
         block = channel_block(x, False, kernels)
         kernels.gradient_blocks(planes(dy), planes(x), inner, block, row_groups(x, block, kernels), params, target.planes(), stream)
     else:
-        masking = masked if masked is not None and masked[1] is None else None  # masked again, segment by segment
         kernels.gradient_channels_first(dy, x, params, target.array, segment_tasks(x, kernels), masking, stream)
-    _finish(target, g_target)
+
+
+@runtime.entry
+def gradient_sums(kernels, dy, x, mean):
+    """The per-channel sums of dy and of dy * (x - mean), nothing written: a worker's share of a
+    synchronized batch's gradient sums."""
+    channels, inner = x.shape[1:]
+    sum_dy = np.empty(channels)
+    sum_dy_xmu = np.empty(channels)
+    if inner == 1:
+        kernels.gradient_sums_channels_last(contiguous(dy), contiguous(x), mean, sum_dy, sum_dy_xmu)
+    else:
+        _chunked_gradient_sums(kernels, dense(dy), dense(x), mean, None, sum_dy, sum_dy_xmu)
     return sum_dy, sum_dy_xmu
+
+
+@runtime.entry
+def gradient(kernels, dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
+    """The training gradient into dx from given channel sums over ``count`` elements: a synchronized
+    batch's, of which dy and x are a worker's part."""
+    params = _gradient_params(mean, invstd, weight, sum_dy, sum_dy_xmu, float(count))
+    target = Target(dx)
+    stream = streams(dx)
+    if x.shape[2] == 1:
+        kernels.gradient_channels_last(contiguous(dy), contiguous(x), params, target.array, stream)
+    else:
+        _chunked_gradient(kernels, dense(dy), dense(x), params, target, None, stream)
+    target.finish()
 
 
 def _finish(target, g_target):
@@ -207,7 +272,7 @@ def precompile(dtype, serial):
     """Compile, or load from Numba's cache, every kernel that the entry points can call on C-ordered
     ``dtype`` arrays: each layout family (long rows, short rows, channels-last), each path (fused
     per channel or block, and chunked), train, eval and both backwards, with the serial or the
-    parallel kernels, Batch Renormalization's and the fused ReLU's included. Views in other memory
+    parallel kernels, Batch Renormalization's, the fused ReLU's and the synchronized batch's included. Views in other memory
     orders compile their own variants on first use.
 
     The path thresholds are changed for the length of the call, so it is for a process of its own
@@ -225,6 +290,8 @@ def precompile(dtype, serial):
                 out = np.empty_like(x)
                 mean, var = forward_train(x, weight, zero, 1e-5, out)
                 normalize(x, mean, var, weight, zero, 1e-5, out)
+                mean, var = moments(x)
+                gradient(x, x, mean, weight, weight, *gradient_sums(x, x, mean), 2 * inner, out)
                 for training in (True, False):
                     backward(x, x, mean, weight, weight, training, out)
                 renorm = (zero, weight, 0.5, 2.0, 1.0)

@@ -186,6 +186,59 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
                 store_fence()
 
 
+@kernel
+def _moments_channels_last(x3, mean, var):
+    """The statistics of :func:`_forward_train_channels_last` alone, nothing written: a worker's
+    share of a synchronized batch."""
+    rows, channels, _ = x3.shape
+    x = x3.reshape(rows, channels)
+    block_rows = rows_per_block(channels)
+    blocks = (rows + block_rows - 1) // block_rows
+    count = np.empty(blocks)
+    part_mean = np.empty((blocks, channels))
+    part_m2 = np.empty((blocks, channels))
+    for b in prange(blocks):
+        r0 = b * block_rows
+        r1 = min(r0 + block_rows, rows)
+        count[b] = r1 - r0
+        _row_block_moments(x, r0, r1, part_mean[b], part_m2[b])
+    merge_moments(count, part_mean, part_m2, mean, var)
+
+
+@kernel
+def _gradient_sums_channels_last(dy3, x3, mean, sum_dy, sum_dy_xmu):
+    """The sums of :func:`_backward_channels_last` alone, nothing written."""
+    rows, channels, _ = x3.shape
+    dy = dy3.reshape(rows, channels)
+    x = x3.reshape(rows, channels)
+    block_rows = rows_per_block(channels)
+    blocks = (rows + block_rows - 1) // block_rows
+    part_dy = np.empty((blocks, channels))
+    part_dy_xmu = np.empty((blocks, channels))
+    for b in prange(blocks):
+        r0 = b * block_rows
+        _row_block_gradient_sums(dy, x, mean, r0, min(r0 + block_rows, rows), part_dy[b], part_dy_xmu[b])
+    sum_parts(part_dy, sum_dy)
+    sum_parts(part_dy_xmu, sum_dy_xmu)
+
+
+@kernel
+def _gradient_channels_last(dy3, x3, params, dx3, stream):
+    """The training gradient's element pass from given ``params`` (mean and the factors of
+    :func:`.scalars.gradient_factors`, as rows), as :func:`_backward_channels_last` writes it."""
+    channels = params.shape[1]
+    flat_dy = dy3.reshape(-1)
+    flat_x = x3.reshape(-1)
+    dx = dx3.reshape(-1)
+    tables = line_tables(params, dx)
+    block = rows_per_block(channels) * channels
+    for b in prange((flat_dy.shape[0] + block - 1) // block):
+        f0, f1 = b * block, min(b * block + block, flat_dy.shape[0])
+        write_gradient(flat_dy[f0:f1], flat_x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream)
+        if stream:
+            store_fence()
+
+
 def _mask_tables(like, mean, relu):
     """The masked gradient's element tables (:func:`.elements.affine_tables`), once per call; None
     without ``relu``."""

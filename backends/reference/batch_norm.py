@@ -33,11 +33,18 @@ def _write(y, value, residual, relu):
     y[...] = np.where(value < 0, 0.0, value) if relu else value
 
 
-def forward_train(x, weight, bias, eps, y, renorm=None, residual=None, relu=False):
+def moments(x):
+    """The per-channel mean and biased variance of x, nothing written: a worker's share of a
+    synchronized batch's statistics."""
     x64 = x.astype(np.float64)
     mean = _channel_mean(x64)
     xmu = x64 - _per_channel(mean)
-    var = (xmu * xmu).mean(axis=_CHANNEL_SUM_AXES)
+    return mean, (xmu * xmu).mean(axis=_CHANNEL_SUM_AXES)
+
+
+def forward_train(x, weight, bias, eps, y, renorm=None, residual=None, relu=False):
+    mean, var = moments(x)
+    xmu = x.astype(np.float64) - _per_channel(mean)
     scale, shift = weight * inverse_std(var, eps), bias
     if renorm is not None:
         scale, shift = renorm_affine(mean, var, eps, weight, bias, *renorm_correction(mean, var, eps, *renorm))
@@ -59,18 +66,28 @@ def _relu_gradient(dy, x, mean, scale, shift, residual, g):
     g[...] = np.where(pre <= 0, 0.0, dy)
 
 
+def gradient_sums(dy, x, mean):
+    """The per-channel sums of dy and of dy * (x - mean), nothing written."""
+    dy64 = dy.astype(np.float64)
+    return dy64.sum(axis=_CHANNEL_SUM_AXES), (dy64 * (x.astype(np.float64) - _per_channel(mean))).sum(axis=_CHANNEL_SUM_AXES)
+
+
+def gradient(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
+    """The training gradient into dx from given channel sums over ``count`` elements (a whole
+    synchronized batch's, of which dy and x are a part)."""
+    mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, count)
+    xmu = x.astype(np.float64) - _per_channel(mean)
+    dx[...] = (dy.astype(np.float64) - _per_channel(mean_dy) - xmu * _per_channel(k)) * _per_channel(scale)
+
+
 def backward(dy, x, mean, invstd, weight, training, dx, relu=None):
     if relu is not None:  # the fused ReLU's backward: dy masked into g first
         scale, shift, residual, g = relu
         _relu_gradient(dy, x, mean, scale, shift, residual, g)
         dy = g
-    dy64 = dy.astype(np.float64)
-    xmu = x.astype(np.float64) - _per_channel(mean)
-    sum_dy = dy64.sum(axis=_CHANNEL_SUM_AXES)
-    sum_dy_xmu = (dy64 * xmu).sum(axis=_CHANNEL_SUM_AXES)
+    sum_dy, sum_dy_xmu = gradient_sums(dy, x, mean)
     if training:
-        mean_dy, k, scale = backward_coefficients(sum_dy, sum_dy_xmu, invstd, weight, x.shape[0] * x.shape[2])
-        dx[...] = (dy64 - _per_channel(mean_dy) - xmu * _per_channel(k)) * _per_channel(scale)
+        gradient(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, x.shape[0] * x.shape[2], dx)
     else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
-        dx[...] = dy64 * _per_channel(weight * invstd)
+        dx[...] = dy.astype(np.float64) * _per_channel(weight * invstd)
     return sum_dy, sum_dy_xmu
