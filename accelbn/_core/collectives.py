@@ -71,6 +71,11 @@ class MpiCommunicator:
             buffer.set(host)
 
 
+# ncclFloat64 and ncclSum in nccl.h (cupy.cuda.nccl.NCCL_FLOAT64 and NCCL_SUM), the same in every
+# NCCL 2 release: named here so that wrapping a communicator imports nothing.
+_NCCL_FLOAT64, _NCCL_SUM = 8, 0
+
+
 class NcclCommunicator:
     """A ``cupy.cuda.nccl.NcclCommunicator``: ``allReduce`` in place on the current stream. NCCL moves
     device memory only, so a NumPy buffer (the argument handshake) goes through the device."""
@@ -84,11 +89,9 @@ class NcclCommunicator:
 
     def allreduce_sum(self, buffer):
         cupy = sys.modules["cupy"]
-        from cupy.cuda import nccl
-
         device = buffer if library_of(buffer) == CUPY else cupy.asarray(buffer)
         stream = cupy.cuda.get_current_stream()
-        self.comm.allReduce(device.data.ptr, device.data.ptr, device.size, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream.ptr)
+        self.comm.allReduce(device.data.ptr, device.data.ptr, device.size, _NCCL_FLOAT64, _NCCL_SUM, stream.ptr)
         if device is not buffer:
             buffer[...] = device.get(stream=stream)
 

@@ -123,6 +123,8 @@ class Device(_Synchronous):
 
 
 class Stream(_Synchronous):
+    ptr = 0  # the null stream's handle
+
     def __init__(self, null=False, non_blocking=False, ptds=False):
         pass
 
@@ -199,6 +201,9 @@ class ndarray:
             out[...] = self._a
             return out
         return self._a.copy()
+
+    def set(self, arr, stream=None):
+        self._a[...] = arr
 
     def copy(self, order="C"):
         return _adopt(self._a.copy(order=order))
@@ -403,7 +408,7 @@ def _build():
     module.linalg = types.SimpleNamespace(norm=_numpy_function(np.linalg.norm))
     module.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=_as_strided))
     module.cuda = types.SimpleNamespace(
-        Device=Device, Stream=Stream, MemoryPointer=MemoryPointer,
+        Device=Device, Stream=Stream, MemoryPointer=MemoryPointer, get_current_stream=Stream,
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
     )
     module.__standin__ = True
