@@ -4,6 +4,7 @@ samples), and checks against single-process batch norm on the whole batch, and a
 ranks' bits. A failed check aborts the job, so mpiexec exits nonzero; on success each rank prints
 one line."""
 
+import os
 import sys
 import traceback
 
@@ -126,12 +127,25 @@ def errors_on_every_rank():
     abn.sync_batch_norm(x, rm, rv, training=True, comm=COMM)  # the group is still in step
 
 
+def bench_table():
+    """`bench --sync`'s measurement and table on a small case: every column on every rank."""
+    from accelbn._cli import bench_sync
+    from accelbn._cli.grid import Case
+
+    results = bench_sync.measure(COMM, [Case((4, 8, 4, 4), "NCHW")], repeat=2, progress_stream=open(os.devnull, "w"))
+    assert [(r[0].label, r[1]) for r in results] == [("4x8x4x4", "forward"), ("4x8x4x4", "backward")]
+    assert all(ms > 0 for r in results for ms in r[2].values())
+    table = bench_sync.format_table(results, COMM.Get_size()).splitlines()
+    assert len(table) == 4 and "3 ranks" in table[0] and "all-reduce share" in table[0]
+
+
 CASES = [
     *[(f"whole batch {layout} {np.dtype(dtype).name}", lambda layout=layout, dtype=dtype: whole_batch(layout, dtype))
       for layout in LAYOUTS for dtype in (np.float32, np.float64)],
     ("thread counts", thread_counts),
     ("layer steps", layer_steps),
     ("errors on every rank", errors_on_every_rank),
+    ("bench --sync", bench_table),
 ]
 
 

@@ -61,6 +61,7 @@ def test_info_prints_version_and_backends():
     assert fields["accelbn"] == accelbn.__version__
     assert "numba" in fields["backends"].split(", ")
     assert int(fields["numba threads"]) >= 1
+    assert fields["mpi"].startswith("mpi4py ") and "CuPy buffers staged through host memory" in fields["mpi"]
 
 
 def test_bench_compiles_cases_that_share_kernels_in_one_worker():

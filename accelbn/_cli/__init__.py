@@ -34,6 +34,8 @@ def _parser():
                        help="the operation: batch_norm (default), layer_norm, rms_norm, group_norm or instance_norm")
     bench.add_argument("--fused", action="store_true",
                        help="the fused ReLU and residual+ReLU ops and batch renorm against batch norm's own passes")
+    bench.add_argument("--sync", action="store_true",
+                       help="synchronized batch norm's all-reduces against its local kernels (run under mpiexec -n 2)")
     demo = commands.add_parser(
         "demo", help="train a small CNN with and without batch norm: a learning-rate sweep, momentum, a batch of one"
     )
@@ -69,6 +71,10 @@ def main(argv=None) -> int:
         demo.run(quick=args.quick, data_name=args.data, path=args.path, limit=args.limit, backend=args.backend,
                   chosen=tuple(args.experiments or demo.EXPERIMENTS), out=args.out, as_json=args.json,
                   seed_override=None if args.seeds is None else range(args.seeds), epochs_override=args.epochs)
+    elif args.sync:
+        from accelbn._cli import bench_sync
+
+        bench_sync.run(quick=args.quick, repeat=args.repeat)
     elif args.fused:
         from accelbn._cli import bench_fused
 

@@ -1,7 +1,8 @@
 """``python -m accelbn info``: what this installation runs on, one ``key: value`` per line.
 
 Versions of accelbn, Python, NumPy, Numba and PyTorch, the usable backends, Numba's threading layer
-and thread count, and the CPU model. The benchmark header reuses :func:`cpu_model`.
+and thread count, the CPU model, and MPI for SyncBatchNorm (mpi4py, its MPI library, and whether
+CuPy arrays go to MPI directly or through host memory). The benchmark header reuses :func:`cpu_model`.
 """
 
 import platform
@@ -61,6 +62,20 @@ def _torch_version():
     return torch.__version__
 
 
+def _mpi():
+    """mpi4py's version and MPI library, and whether SyncBatchNorm hands CuPy buffers to it directly."""
+    try:
+        import mpi4py
+        from mpi4py import MPI
+    except ImportError:
+        return _NOT_INSTALLED
+    from accelbn._core import collectives
+
+    library = " ".join(MPI.Get_library_version().splitlines()[0].split())
+    cupy = "direct (CUDA-aware)" if collectives.cuda_aware_mpi() else "staged through host memory"
+    return f"mpi4py {mpi4py.__version__}, {library}; CuPy buffers {cupy}"
+
+
 def info_lines() -> list[tuple[str, str]]:
     """The (key, value) pairs that ``info`` prints, in order."""
     threading_layer, threads = _numba_threading()
@@ -74,6 +89,7 @@ def info_lines() -> list[tuple[str, str]]:
         ("numba threads", threads),
         ("cpu", cpu_model()),
         ("torch", _torch_version()),
+        ("mpi", _mpi()),
     ]
 
 
