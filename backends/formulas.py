@@ -29,14 +29,6 @@ def gradient_factors(mean_dy, k, scale):
     return scale, -scale * k, -scale * mean_dy
 
 
-def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two (count, mean, sum of squared deviations) triples (Chan et al., 1979): no cancellation
-    however large the means, unlike E[x^2] - E[x]^2. ``n_a + n_b`` must be positive."""
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
-
-
 def running_average(running, batch, momentum):
     """The running-statistics update: (1 - momentum) * running + momentum * batch, in float64."""
     return (1.0 - momentum) * running.astype(np.float64) + momentum * batch

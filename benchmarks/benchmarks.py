@@ -3,7 +3,7 @@
 that of ``bench --op NAME``; their peak memory, their time relative to a memory copy of the same
 array, and the cost of ``import accelbn`` plus a first call in a fresh process. The fused ReLU ops
 and Batch Renormalization (``bench --fused``) are timed on batch norm's grid, and relative to batch
-norm's own pass."""
+norm's own pass; synchronized batch norm's packing and merge over many workers, without a network."""
 
 import statistics
 import time
@@ -219,6 +219,53 @@ class FusedRatioToBatchNorm(_FusedPass):
 
     def track_ratio_to_batch_norm(self, *params):
         return _median_ratio(self.run, self.baseline, self.repeat)
+
+
+class _Mirror:
+    """A communicator of ``size`` workers that all hold what this one holds: the all-reduce copies
+    rank 0's slot into every other slot. It costs a copy, so what is timed is the packing, the
+    checks and the merge over ``size`` workers, not a network."""
+
+    rank = 0
+
+    def __init__(self, size):
+        self.size = size
+
+    def allreduce_sum(self, buffer):
+        slots = buffer.reshape(self.size, -1)
+        slots[1:] = slots[0]
+
+
+class SyncPackingAndMerge:
+    """Synchronized batch norm's own work beside the kernels, on a (64, C) slice per worker: the
+    handshake, packing each worker's per-channel numbers into slots and merging them in rank order
+    (Chan's formula forward, sums backward), with an all-reduce that only copies."""
+
+    params = (["2", "16", "128"], ["64", "2048"], ["forward", "backward", "merge only"])
+    param_names = ["workers", "channels", "pass"]
+
+    def setup(self, workers, channels, pass_):
+        if not hasattr(abn, "sync_batch_norm"):
+            raise NotImplementedError("this commit has no synchronized batch norm")
+        from accelbn._ops import sync_batch_norm as sync
+
+        workers, channels = int(workers), int(channels)
+        comm = _Mirror(workers)
+        rng = np.random.default_rng(0)
+        x, dy = (rng.standard_normal((64, channels), dtype=np.float32) for _ in range(2))
+        rm, rv = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+        stats = abn.sync_batch_norm(x, rm, rv, training=True, comm=comm, return_stats=True)[1]
+        packed = rng.standard_normal((workers, 2, channels)) ** 2
+        counts = np.full(workers, 64.0)
+        self.run = {
+            "forward": lambda: abn.sync_batch_norm(x, rm, rv, training=True, comm=comm),
+            "backward": lambda: abn.sync_batch_norm_backward(dy, x, stats, comm=comm),
+            "merge only": lambda: sync.merge_moments(packed, counts),
+        }[pass_]
+        self.run()
+
+    def time_pass(self, *params):
+        self.run()
 
 
 def timeraw_import_and_first_call():

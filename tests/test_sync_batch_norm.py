@@ -388,7 +388,7 @@ def test_nccl_carries_cupy_arrays_only(gpu):
 # --- the packing and the merge, alone ------------------------------------------------------------
 
 
-def test_merge_skips_empty_workers_and_is_chan_in_rank_order():
+def test_merge_is_exact_with_empty_workers():
     rng = np.random.default_rng(9)
     parts = [rng.standard_normal((n, 4)) * 3 + 5 for n in (4, 0, 7, 1)]
     packed = np.zeros((4, 2, 4))

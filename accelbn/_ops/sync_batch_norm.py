@@ -9,19 +9,18 @@ them reduces data or changes state, so no worker raises while another waits.
 
 Both all-reduces carry one slot per worker, zero but for the worker's own, so the sum delivers
 every worker's numbers exactly, whatever the engine's reduction order. Every worker then merges
-them in rank order by the same arithmetic (Chan's formula for the moments), so all workers hold
-bitwise the same statistics, run after run. Eval makes no call: each worker normalizes with its
+them by the same arithmetic in the same order (Chan's formula for the moments), so all workers
+hold bitwise the same statistics, run after run. Eval makes no call: each worker normalizes with its
 own running statistics, as PyTorch does.
 """
 
 import numpy as np
 
 from accelbn._core import checks, collectives, views
-from accelbn._core.arrays import CUPY, device_of, namespace
+from accelbn._core.arrays import CUPY, device_of, library_of, namespace
 from accelbn._core.dtypes import float64_or, kernel_dtype
 from accelbn._ops import batch_norm as bn
 from accelbn._ops.batch_norm import CONVENTION_DEFAULT, BatchNorm
-from accelbn.backends.formulas import chan_merge
 
 _FORWARD, _BACKWARD = 1.0, 2.0
 _CALLS = {_FORWARD: "sync_batch_norm", _BACKWARD: "sync_batch_norm_backward"}
@@ -74,26 +73,16 @@ def _fail_together(group, call, error):
 def merge_moments(packed, counts):
     """The whole batch's per-channel mean and biased variance from every worker's: ``packed`` is
     (workers, 2, C), each worker's mean and sum of squared deviations, ``counts`` its values per
-    channel; merged with Chan's formula in rank order, skipping empty workers. The counts must not
-    all be zero."""
-    n = 0.0
-    mean = m2 = None
-    for rank, n_rank in enumerate(counts):
-        if n_rank == 0:
-            continue
-        if mean is None:
-            n, mean, m2 = n_rank, packed[rank, 0], packed[rank, 1]
-        else:
-            n, mean, m2 = chan_merge(n, mean, m2, n_rank, packed[rank, 0], packed[rank, 1])
+    channel (not all zero). Chan's formula for many parts at once: mean = sum(n_k mean_k) / n and
+    m2 = sum(m2_k) + sum(n_k (mean_k - mean)^2), deviations from the merged mean rather than
+    E[x^2] - E[x]^2, so large means do not cancel; an empty worker adds nothing."""
+    xp = namespace(library_of(packed))
+    weights = xp.asarray(counts, dtype=np.float64)[:, None]
+    n = float(counts.sum())
+    mean = (weights * packed[:, 0]).sum(axis=0) / n
+    deviation = packed[:, 0] - mean
+    m2 = packed[:, 1].sum(axis=0) + (weights * deviation * deviation).sum(axis=0)
     return mean, m2 / n
-
-
-def sum_in_rank_order(packed):
-    """The sum over the first axis of ``packed``, worker after worker: the same order everywhere."""
-    total = packed[0]
-    for rank in range(1, packed.shape[0]):
-        total = total + packed[rank]
-    return total
 
 
 def _all_workers(group, xp, local):
@@ -217,7 +206,7 @@ def sync_batch_norm_backward(dy, x, stats, weight=None, *, comm, axis=1, out=Non
         if x.size:
             local[0], local[1] = kernels.gradient_sums(dy3, x3, mean)
         if total:
-            sum_dy, sum_dy_xmu = sum_in_rank_order(_all_workers(group, xp, local))
+            sum_dy, sum_dy_xmu = _all_workers(group, xp, local).sum(axis=0)  # one order, on every worker
             if x.size:
                 kernels.gradient(dy3, x3, mean, invstd, float64_or(xp, weight, channels, 1.0), sum_dy, sum_dy_xmu, total,
                                  dx.view)

@@ -10,7 +10,6 @@ when the function is compiled. Everything else is strict IEEE arithmetic.
 import numpy as np
 from numba import njit
 
-from accelbn.backends import formulas
 from accelbn.backends.numba_cpu.lines import column_sweep
 from accelbn.backends.numba_cpu.runtime import NESTED, NESTED_REDUCTION, OPTIONS, REDUCTION
 from accelbn.backends.numba_cpu.scalars import as_element, fill_zero, split_mean
@@ -102,7 +101,12 @@ def gradient_sums(dy, x, mean):
     return sum_dy, sum_dy_xmu
 
 
-chan_merge = njit(**NESTED)(formulas.chan_merge)
+@njit(**NESTED)
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, sum of squared deviations) triples (Chan et al., 1979)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
 
 
 # --- column sums: down the rows first, in registers ----------------------------------------------
