@@ -121,7 +121,8 @@ def numba_outputs(x, dy, axis, out=None):
     """Every output of the numba backend on ``x``: train forward (into ``out`` when given), its saved
     and updated running statistics, eval with them, and the trained and frozen backward (12 arrays);
     then (:data:`FUSED_OUTPUTS`) the fused residual-and-ReLU train forward and backward and the fused
-    ReLU's eval forward and backward, and Batch Renormalization's train forward and its r."""
+    ReLU's eval forward and backward, and Batch Renormalization's train forward and its r; then
+    synchronized batch norm's train forward, saved statistics and backward on one worker."""
     p = channel_params(x.shape[axis], x.dtype)
     y, stats = abn.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], True, 0.1, 1e-5,
                               axis=axis, out=out, return_stats=True, backend="numba")
@@ -129,7 +130,25 @@ def numba_outputs(x, dy, axis, out=None):
     trained = abn.batch_norm_backward(dy, x, stats, p["weight"], axis=axis, backend="numba")
     frozen = abn.batch_norm_backward(dy, x, stats, p["weight"], training=False, axis=axis, backend="numba")
     fused = _fused_outputs(x, dy, axis, p)
-    return [y.copy(), *stats, p["running_mean"], p["running_var"], evaluated, *trained, *frozen, *fused]
+    synchronized = _synchronized_outputs(x, dy, axis, p)
+    return [y.copy(), *stats, p["running_mean"], p["running_var"], evaluated, *trained, *frozen, *fused, *synchronized]
+
+
+class Alone:
+    """A communicator of one worker: synchronized batch norm's kernels (local statistics, gradient
+    sums, and the gradient from given sums) without anyone to talk to."""
+
+    rank, size = 0, 1
+
+    def allreduce_sum(self, buffer):
+        pass
+
+
+def _synchronized_outputs(x, dy, axis, p):
+    """sync_batch_norm's train forward, saved statistics and backward on one worker (batch norm's)."""
+    y, stats = abn.sync_batch_norm(x, None, None, p["weight"], p["bias"], True, comm=Alone(), axis=axis,
+                                   return_stats=True, backend="numba")
+    return [y, *stats, *abn.sync_batch_norm_backward(dy, x, stats, p["weight"], comm=Alone(), axis=axis, backend="numba")]
 
 
 def fused_residual(x):

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support import (
+    FUSED_OUTPUTS,
     assert_matches_reference,
     channel_params,
     fused_residual,
@@ -122,7 +123,7 @@ def _check_fused(x, dy, axis, outputs):
     """The fused outputs (support.numba_outputs) against the unfused chain on this path: bit for bit
     for the ReLU ops; Batch Renormalization against its formula, which the oracle's statistics give."""
     y, evaluated = outputs[0], outputs[5]
-    fy, fdx, fdz, fdw, fdb, fy_eval, fdx_eval, renormed, r = outputs[12:]
+    fy, fdx, fdz, fdw, fdb, fy_eval, fdx_eval, renormed, r = outputs[12:12 + FUSED_OUTPUTS]
     p = channel_params(x.shape[axis], x.dtype)
     z = fused_residual(x)
     pre = y + z
@@ -149,6 +150,17 @@ def _check_fused(x, dy, axis, outputs):
     want_renormed = ((x - expand(want_stats.mean)) * expand(r_want / np.sqrt(var + 1e-3)) + expand(d_want)) * expand(
         p["weight"].astype(np.float64)) + expand(p["bias"].astype(np.float64))
     assert_matches_reference(renormed, want_renormed)
+
+
+def _check_synchronized(x, dy, axis, outputs):
+    """Synchronized batch norm on one worker (support.numba_outputs) against the oracle."""
+    y, mean, invstd, dx, dweight, dbias = outputs[12 + FUSED_OUTPUTS:]
+    p = channel_params(x.shape[axis], x.dtype)
+    want_y, want_stats, _, _ = reference_forward(x, **p, training=True, axis=axis)
+    for got, want in [(y, want_y), (mean, want_stats.mean), (invstd, want_stats.invstd)]:
+        assert_matches_reference(got, want)
+    for got, want in zip((dx, dweight, dbias), reference_backward(dy, x, want_stats, p["weight"], True, axis=axis)):
+        assert_matches_reference(got, want)
 
 
 def _check_against_torch(x, dy, axis, outputs):
@@ -217,6 +229,7 @@ def test_path_matches_the_oracle_and_torch_on_every_view(monkeypatch, path, dtyp
     _check_against_oracle(x, dy, axis, results[0])
     _check_against_torch(x, dy, axis, results[0])
     _check_fused(x, dy, axis, results[0])
+    _check_synchronized(x, dy, axis, results[0])
     for other in results[1:]:
         _check_against_oracle(x, dy, axis, other)
         for a, b in zip(results[0], other):  # strides never change the bits
