@@ -1,37 +1,74 @@
-"""The peer frameworks (tf-keras, Keras 3 on TensorFlow, Flax on JAX) run in a child process of
+"""The peer frameworks (tf-keras, Keras 3 on TensorFlow, Flax on JAX) run in child processes of
 their own: their thread pools must not live in the test process, which other tests fork
-(test_threads.py). ``call(name, **arrays)`` runs the function ``name`` below in a fresh interpreter
-on NumPy inputs and returns its NumPy results."""
+(test_threads.py). ``call(name, **arrays)`` runs the function ``name`` below on NumPy inputs and
+returns its NumPy results. One child serves every call of a kind (a function and a flavour) for
+the whole session, so TensorFlow or JAX is imported once per kind, not once per test."""
 
+import atexit
 import os
 import pickle
 import subprocess
 import sys
+import tempfile
 
-_CHILD = """
-import os, pickle, sys
+_SERVER = """
+import os, pickle, sys, traceback
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 sys.path.insert(0, sys.argv[1])
 import frameworks
-name, kwargs = pickle.load(sys.stdin.buffer)
-result = getattr(frameworks, name)(**kwargs)
-sys.stdout.buffer.write(pickle.dumps(result))
+while True:
+    try:
+        name, kwargs = pickle.load(sys.stdin.buffer)
+    except EOFError:
+        break
+    try:
+        answer = (True, getattr(frameworks, name)(**kwargs))
+    except BaseException:
+        answer = (False, traceback.format_exc())
+    pickle.dump(answer, sys.stdout.buffer)
+    sys.stdout.buffer.flush()
 """
 
 
 _RESULTS = {}  # pickled call -> pickled result: a case's backends share one run of the peer
+_SERVERS = {}  # kind -> (child, its stderr file)
+
+
+def _server(kind):
+    if kind not in _SERVERS:
+        tests = os.path.dirname(os.path.abspath(__file__))
+        stderr = tempfile.TemporaryFile()
+        child = subprocess.Popen([sys.executable, "-c", _SERVER, tests], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=stderr)
+        _SERVERS[kind] = (child, stderr)
+    return _SERVERS[kind]
+
+
+@atexit.register
+def _stop_servers():
+    for child, stderr in _SERVERS.values():
+        child.stdin.close()
+        child.wait(timeout=60)
+        stderr.close()
 
 
 def call(name, **kwargs):
-    """``name(**kwargs)`` run in a child interpreter; its error, with the child's stderr, on failure."""
+    """``name(**kwargs)`` run in the child for its kind; its error, with the child's traceback or
+    stderr, on failure."""
     request = pickle.dumps((name, kwargs))
     if request not in _RESULTS:
-        tests = os.path.dirname(os.path.abspath(__file__))
-        done = subprocess.run([sys.executable, "-c", _CHILD, tests], input=request, capture_output=True, timeout=600)
-        if done.returncode:
-            raise RuntimeError(f"{name} failed in its child process:\n{done.stderr.decode(errors='replace')[-4000:]}")
-        _RESULTS[request] = done.stdout
-    return pickle.loads(_RESULTS[request])
+        child, stderr = _server((name, kwargs.get("flavour")))
+        try:
+            child.stdin.write(request)
+            child.stdin.flush()
+            ok, result = pickle.load(child.stdout)
+        except (EOFError, BrokenPipeError, pickle.UnpicklingError) as error:
+            stderr.seek(0)
+            raise RuntimeError(f"{name}'s child process died:\n{stderr.read().decode(errors='replace')[-4000:]}") from error
+        if not ok:
+            raise RuntimeError(f"{name} failed in its child process:\n{result}")
+        _RESULTS[request] = pickle.dumps(result)
+    return pickle.loads(_RESULTS[request])  # a copy of its own for each caller
 
 
 def _weights(layer):
