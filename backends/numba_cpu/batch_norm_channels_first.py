@@ -6,14 +6,15 @@ same slice while it is still in cache, so a train forward reads x from memory on
 statistics and the element passes each run in parallel over all chunks or row segments."""
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from accelbn.backends.numba_cpu.elements import affine_params, row, span, write_affine, write_gradient, write_relu_gradient
 from accelbn.backends.numba_cpu.lines import store_fence, unit_stride
 from accelbn.backends.numba_cpu.reductions import chan_merge, gradient_sums, sum_shifted, sum_squared_deviations
 from accelbn.backends.numba_cpu.runtime import NESTED, kernel
 from accelbn.backends.numba_cpu.scalars import as_element, backward_coefficients, channel_affine, gradient_factors, split_mean
-from accelbn.backends.numba_cpu.tiling import PREFETCH_CHUNK_BYTES, ROW_SEGMENT, STATS_CHUNK, chunk_bounds, chunking, prefetch_chunk, segment, task_segments
+from accelbn.backends.numba_cpu.tiling import PREFETCH_CHUNK_BYTES, STATS_CHUNK, chunk_bounds, chunking, prefetch_chunk, segment, task_segments
 
 
 @njit(**NESTED)
@@ -218,18 +219,29 @@ def _normalize_channels_first(x, mean, scale, shift, y, z, fused_relu, tasks, st
 
 @kernel
 def _gradient_channels_first(dy, x, params, dx, tasks, relu, stream):
-    """The training gradient over the row segments; with ``relu`` = (z, None, scale, shift), of dy
-    masked a segment at a time into the task's buffer (:func:`_chunk_sums_masked`)."""
+    """The training gradient over the row segments; with ``relu`` = (None, None, scale, shift), of dy
+    masked by the forward's ReLU in registers (no residual: its gradient would be g)."""
     for t in prange(tasks):
-        buffer = np.empty(min(x.shape[2], ROW_SEGMENT) if relu is not None else 0, x.dtype)
         for u in task_segments(x, t, tasks):
             r, c, f0, f1 = segment(x, u)
             p = (params[0][c], params[1][c], params[2][c], params[3][c])
-            if relu is None:
-                write_gradient(dy[r, c], x[r, c], f0, f1, p, 1, dx[r, c], stream)
-            else:
-                masked = _masked_row(dy[r, c], x[r, c], row(relu[0], r, c), f0, f1, params[0][c], relu[2][c], relu[3][c],
-                                     buffer)
-                write_gradient(masked, x[r, c, f0:f1], 0, f1 - f0, p, 1, dx[r, c, f0:f1], stream)
+            write_gradient(dy[r, c], x[r, c], f0, f1, p, 1, dx[r, c], stream, _row_masks(dx, params[0][c], relu, c))
         if stream:
             store_fence()
+
+
+def _row_masks(like, mean, relu, c):
+    """Channel c's parameters of the forward's ReLU input in ``like``'s dtype (hi, lo, scale, shift),
+    for :func:`.elements.write_gradient`; None without ``relu``."""
+
+
+@overload(_row_masks, inline="always")
+def _row_masks_overload(like, mean, relu, c):
+    if isinstance(relu, types.NoneType):
+        return lambda like, mean, relu, c: None
+
+    def masks(like, mean, relu, c):
+        hi, lo = split_mean(like, mean)
+        return hi, lo, as_element(like, relu[2][c]), as_element(like, relu[3][c])
+
+    return masks

@@ -10,7 +10,16 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from accelbn.backends.numba_cpu.elements import affine_tables, flat, line_tables, span, write_affine, write_gradient, write_relu_gradient
+from accelbn.backends.numba_cpu.elements import (
+    affine_tables,
+    flat,
+    line_tables,
+    masked_gradient_columns,
+    span,
+    write_affine,
+    write_gradient,
+    write_relu_gradient,
+)
 from accelbn.backends.numba_cpu.lines import store_fence
 from accelbn.backends.numba_cpu.reductions import gradient_columns, merge_moments, shifted_columns, squared_deviation_columns, sum_parts
 from accelbn.backends.numba_cpu.runtime import NESTED, OPTIONS, kernel
@@ -68,13 +77,18 @@ def _row_block_moments(x, r0, r1, mean, m2):
 
 
 @njit(**OPTIONS)
-def _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu):
+def _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu, masks=None):
     """Sums of dy and dy * (x - mean) over rows [r0, r1) of the (rows, C) dy and x, in float64
-    throughout, as :func:`gradient_sums`; STREAM_ROW_RUN rows at a time, each over all columns."""
+    throughout, as :func:`gradient_sums`; STREAM_ROW_RUN rows at a time, each over all columns. With
+    ``masks`` (:func:`_mask_tables`), of dy masked by the forward's ReLU, in registers."""
     fill_zero(sum_dy)
     fill_zero(sum_dy_xmu)
     for q in range(r0, r1, STREAM_ROW_RUN):
-        gradient_columns((sum_dy, sum_dy_xmu), (dy, x), 0, q, min(q + STREAM_ROW_RUN, r1), x.shape[1], (mean,))
+        q1 = min(q + STREAM_ROW_RUN, r1)
+        if masks is None:
+            gradient_columns((sum_dy, sum_dy_xmu), (dy, x), 0, q, q1, x.shape[1], (mean,))
+        else:
+            masked_gradient_columns((sum_dy, sum_dy_xmu), (dy, x), 0, q, q1, x.shape[1], (mean, masks[0], masks[1], masks[2], masks[3]))
 
 
 @kernel
@@ -157,9 +171,7 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
         if relu is None:
             _row_block_gradient_sums(dy, x, mean, r0, r1, part_dy[b], part_dy_xmu[b])
         else:
-            masked = _masked_span(flat_dy, flat_x, flat(relu[0]), flat(relu[1]), r0 * channels, r1 * channels,
-                                  masks, channels, False)
-            _row_block_gradient_sums(masked.reshape(r1 - r0, channels), x[r0:r1], mean, 0, r1 - r0, part_dy[b], part_dy_xmu[b])
+            _masked_block_sums(dy, x, mean, relu, flat(relu[1]), masks, r0, r1, part_dy[b], part_dy_xmu[b])
     sum_parts(part_dy, sum_dy)
     sum_parts(part_dy_xmu, sum_dy_xmu)
     if training:
@@ -169,10 +181,10 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
             params[0, c] = mean[c]
             params[1, c], params[2, c], params[3, c] = gradient_factors(mean_dy, k, scale_c)
         tables = line_tables(params, dx)
+        g = None if relu is None else flat(relu[1])
         for b in prange(blocks):
             f0, f1 = b * block, min(b * block + block, flat_dy.shape[0])
-            source = _source_span(flat_dy, flat_x, f0, f1, relu, masks, channels)
-            write_gradient(source, flat_x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream)
+            _gradient_span(flat_dy, flat_x, f0, f1, g, masks, tables, channels, dx, stream)
             if stream:
                 store_fence()
     else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
@@ -237,6 +249,29 @@ def _gradient_channels_last(dy3, x3, params, dx3, stream):
         write_gradient(flat_dy[f0:f1], flat_x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream)
         if stream:
             store_fence()
+
+
+@njit(**NESTED)
+def _masked_block_sums(dy, x, mean, relu, g, masks, r0, r1, sum_dy, sum_dy_xmu):
+    """The fused ReLU's gradient sums over rows [r0, r1): the mask in registers, or, where the
+    masked gradient g is wanted too (the residual's gradient), written into g and summed from it."""
+    if g is None:
+        _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu, masks)
+    else:
+        channels = x.shape[1]
+        masked = _masked_span(dy.reshape(-1), x.reshape(-1), flat(relu[0]), g, r0 * channels, r1 * channels, masks,
+                              channels, False)
+        _row_block_gradient_sums(masked.reshape(r1 - r0, channels), x[r0:r1], mean, 0, r1 - r0, sum_dy, sum_dy_xmu)
+
+
+@njit(**NESTED)
+def _gradient_span(dy, x, f0, f1, g, masks, tables, channels, dx, stream):
+    """The training gradient over elements [f0, f1) (whole rows): of dy, of dy masked in registers
+    (``masks`` without g), or of the masked gradient g."""
+    if g is not None:
+        write_gradient(g[f0:f1], x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream)
+    else:
+        write_gradient(dy[f0:f1], x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream, masks)
 
 
 def _mask_tables(like, mean, relu):

@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from accelbn.backends.numba_cpu.lines import LINE_BYTES, fma, line_kernel, passed, relu
+from accelbn.backends.numba_cpu.lines import LINE_BYTES, column_sweep, fma, line_kernel, passed, relu
 from accelbn.backends.numba_cpu.runtime import NESTED, OPTIONS
 from accelbn.backends.numba_cpu.scalars import as_element, at, split_mean
 
@@ -44,6 +44,19 @@ def _gradient(dy, x, mean, a, b, c):
     return fma(x - mean, b, fma(dy, a, c))
 
 
+def _masked_gradient(dy, x, mean_hi, mean_lo, scale, shift, mean, a, b, c):
+    """The training gradient of dy masked by the forward's ReLU (the ReLU's input recomputed in x's
+    dtype, as :func:`_relu_gradient`), in float64 as :func:`_gradient`: for the exact line kernels."""
+    return _gradient(passed(_affine(x, mean_hi, mean_lo, scale, shift), dy).widen(), x.widen(), mean, a, b, c)
+
+
+def _masked_gradient_terms(dy, x, mean, mean_hi, mean_lo, scale, shift):
+    """The gradient sums' terms of dy masked by the forward's ReLU, in float64: for the exact column
+    kernels."""
+    g = passed(_affine(x, mean_hi, mean_lo, scale, shift), dy).widen()
+    return g, g * (x.widen() - mean)
+
+
 _affine_element = njit(inline="always", error_model="numpy")(_affine)
 _gradient_element = njit(inline="always", error_model="numpy")(_gradient)
 _affine_line = line_kernel(_affine, nontemporal=False)
@@ -56,6 +69,10 @@ _relu_gradient_line = line_kernel(_relu_gradient, nontemporal=False)
 _add_relu_gradient_line = line_kernel(_add_relu_gradient, nontemporal=False)
 _gradient_line = line_kernel(_gradient, nontemporal=False, wide=True)
 _gradient_line_streamed = line_kernel(_gradient, nontemporal=True, wide=True)
+_masked_gradient_line = line_kernel(_masked_gradient, nontemporal=False, exact=True)
+_masked_gradient_line_streamed = line_kernel(_masked_gradient, nontemporal=True, exact=True)
+# The channels-last gradient sums of a ReLU-masked dy, the mask computed in registers.
+masked_gradient_columns = column_sweep(_masked_gradient_terms, 2, exact=True)
 
 
 @njit(**NESTED)
@@ -111,11 +128,14 @@ def _affine_line_at(y, f, x, z, params, c, stream, fused_relu):
 
 
 @njit(**NESTED)
-def _gradient_elements(dy, x, f0, f1, params, period, dx):
+def _gradient_elements(dy, x, f0, f1, params, period, dx, masks):
     c = f0 % period
     for f in range(f0, f1):
+        g = dy[f]
+        if masks is not None:
+            g = passed(_affine_element(x[f], at(masks[0], c), at(masks[1], c), at(masks[2], c), at(masks[3], c)), g)
         dx[f] = _gradient_element(
-            np.float64(dy[f]),
+            np.float64(g),
             np.float64(x[f]),
             at(params[0], c),
             at(params[1], c),
@@ -223,21 +243,36 @@ def _flat_overload(a):
 
 
 @njit(**NESTED)
-def write_gradient(dy, x, f0, f1, params, period, dx, stream):
+def write_gradient(dy, x, f0, f1, params, period, dx, stream, masks=None):
+    """dx[f0:f1] = the training gradient; with ``masks`` (the tables of :func:`affine_tables` for the
+    forward's ReLU), of dy masked where that ReLU stopped its input, recomputed in registers."""
     a, e = _line_span(dx, f0, f1, stream)
-    _gradient_elements(dy, x, f0, a, params, period, dx)
+    _gradient_elements(dy, x, f0, a, params, period, dx, masks)
     line = LINE_BYTES // dx.itemsize
     step = line % period
     c = a % period
     for f in range(a, e, line):
+        _gradient_line_at(dx, f, dy, x, params, c, stream, masks)
+        c += step
+        if c >= period:
+            c -= period
+    _gradient_elements(dy, x, e, f1, params, period, dx, masks)
+
+
+@njit(**NESTED)
+def _gradient_line_at(dx, f, dy, x, params, c, stream, masks):
+    """One line of :func:`write_gradient`: plain, or masked by the forward's ReLU."""
+    if masks is None:
         if stream:
             _gradient_line_streamed(dx, f, (dy, x), params, c)
         else:
             _gradient_line(dx, f, (dy, x), params, c)
-        c += step
-        if c >= period:
-            c -= period
-    _gradient_elements(dy, x, e, f1, params, period, dx)
+    else:
+        both = (masks[0], masks[1], masks[2], masks[3], params[0], params[1], params[2], params[3])
+        if stream:
+            _masked_gradient_line_streamed(dx, f, (dy, x), both, c)
+        else:
+            _masked_gradient_line(dx, f, (dy, x), both, c)
 
 
 @njit(**NESTED)

@@ -59,6 +59,13 @@ class _Vector:
         negative = self.builder.fcmp_ordered("<", self.value, zero)
         return _Vector(self.builder, self.builder.select(negative, zero, self.value))
 
+    def widen(self):
+        """The same values as float64 lanes (exact)."""
+        kind = self.value.type
+        if isinstance(kind.element, ir.DoubleType):
+            return self
+        return _Vector(self.builder, self.builder.fpext(self.value, ir.VectorType(ir.DoubleType(), kind.count)))
+
     def passed(self, gradient):
         zero = ir.Constant(gradient.value.type, None)
         stopped = self.builder.fcmp_ordered("<=", self.value, ir.Constant(self.value.type, None))
@@ -149,14 +156,15 @@ def _passed_overload(v, gradient):
 
 class _LineVectors:
     """Cache-line-wide loads for the intrinsics below: ``lanes`` elements from an index of an array
-    on, as vectors of ``compute_type`` (widened from a narrower array dtype)."""
+    on, as vectors of ``compute_type`` (widened from a narrower array dtype), or of the array's own
+    dtype where ``compute_type`` is None (the formula widens what it needs)."""
 
     def __init__(self, context, builder, lanes, compute_type):
         self.context = context
         self.builder = builder
         self.lanes = lanes
         self.compute_type = compute_type
-        self.compute = ir.VectorType(context.get_data_type(compute_type), lanes)
+        self.compute = None if compute_type is None else ir.VectorType(context.get_data_type(compute_type), lanes)
 
     def pointer(self, array_type, array_value, indices):
         array = self.context.make_array(array_type)(self.context, self.builder, array_value)
@@ -167,7 +175,7 @@ class _LineVectors:
     def load(self, array_type, array_value, indices):
         pointer = self.pointer(array_type, array_value, indices)
         loaded = self.builder.load(pointer, align=array_type.dtype.bitwidth // 8)
-        if array_type.dtype != self.compute_type:
+        if self.compute_type is not None and array_type.dtype != self.compute_type:
             loaded = self.builder.fpext(loaded, self.compute)
         return _Vector(self.builder, loaded)
 
@@ -180,24 +188,27 @@ class _LineVectors:
             if isinstance(kind, types.Array):
                 values.append(self.load(kind, value, [channel]))
             else:
-                values.append(self.splat(self.context.cast(self.builder, value, kind, self.compute_type)))
+                target = kind if self.compute_type is None else self.compute_type
+                values.append(self.splat(self.context.cast(self.builder, value, kind, target)))
         return values
 
     def splat(self, scalar):
-        undefined = ir.Constant(self.compute, ir.Undefined)
+        undefined = ir.Constant(ir.VectorType(scalar.type, self.lanes), ir.Undefined)
         first = self.builder.insert_element(undefined, scalar, ir.IntType(32)(0))
         lanes = ir.Constant(ir.VectorType(ir.IntType(32), self.lanes), [0] * self.lanes)
         return _Vector(self.builder, self.builder.shuffle_vector(first, undefined, lanes))
 
 
-def line_kernel(formula, nontemporal, wide=False):
+def line_kernel(formula, nontemporal, wide=False, exact=False):
     """An intrinsic ``line(out, j, arrays, params, channel)``: one line ``out[j:j + W]``, where W
     elements fill a cache line, set to ``formula(*(a[j:j + W] for a in arrays), *params)``.
 
     ``arrays`` is a tuple of unit-stride arrays of ``out``'s dtype. ``params`` is a tuple of scalars
     (broadcast to every element) or of per-channel tables, read at ``table[channel:channel + W]``.
     The formula runs in ``out``'s dtype, or in float64 with ``wide`` (inputs widened, the result
-    rounded once). With ``nontemporal`` the store streams and ``out[j]`` must be line-aligned.
+    rounded once), or with ``exact`` on the arrays and tables in their own dtypes (the formula widens
+    with ``.widen()``; a float64 result is rounded once). With ``nontemporal`` the store streams and
+    ``out[j]`` must be line-aligned.
     """
 
     @intrinsic
@@ -209,10 +220,10 @@ def line_kernel(formula, nontemporal, wide=False):
             out_type, _, arrays_type, params_type, _ = signature.args
             element = context.get_data_type(out_type.dtype)
             lanes = LINE_BYTES // context.get_abi_sizeof(element)
-            vectors = _LineVectors(context, builder, lanes, types.float64 if wide else out_type.dtype)
+            vectors = _LineVectors(context, builder, lanes, None if exact else types.float64 if wide else out_type.dtype)
             inputs = [vectors.load(arrays_type[k], builder.extract_value(args[2], k), [args[1]]) for k in range(len(arrays_type))]
             result = formula(*inputs, *vectors.params(params_type, args[3], args[4])).value
-            if vectors.compute_type != out_type.dtype:
+            if result.type != ir.VectorType(element, lanes):
                 result = builder.fptrunc(result, ir.VectorType(element, lanes))
             store = builder.store(result, vectors.pointer(out_type, args[0], [args[1]]), align=LINE_BYTES if nontemporal else context.get_abi_sizeof(element))
             if nontemporal:
@@ -224,7 +235,7 @@ def line_kernel(formula, nontemporal, wide=False):
     return line
 
 
-def column_kernel(formula, lines, lanes=None):
+def column_kernel(formula, lines, lanes=None, exact=False):
     """An intrinsic ``column(runs, arrays, offset, r0, r1, c, params)`` for ``lines`` lines of
     columns: for each j in [c, c + lines * W), adds to ``runs[k][j]`` the k-th term of
     ``formula(*(a[r, offset + j] for a in arrays), *params)`` (one term, or a tuple of them) for the
@@ -233,7 +244,8 @@ def column_kernel(formula, lines, lanes=None):
 
     ``arrays`` is a tuple of 2-d arrays of one dtype whose rows have unit stride (the caller vouches for
     it, as for :func:`unit_stride`), ``runs`` a tuple of 1-d arrays of the dtype the sums run in (the
-    arrays' own, or float64 for wider sums); ``params`` as in :func:`line_kernel`, read at ``j``. Each
+    arrays' own, or float64 for wider sums); ``params`` as in :func:`line_kernel`, read at ``j``; with
+    ``exact``, arrays and params reach the formula in their own dtypes, as in :func:`line_kernel`. Each
     element computes exactly what ``run[j] += term`` does in a loop over r; the sums stay in registers
     across the rows instead of going through memory at every row, and the lines' sums are independent
     chains that the core overlaps.
@@ -251,7 +263,7 @@ def column_kernel(formula, lines, lanes=None):
         def codegen(context, builder, signature, args):
             runs_type, arrays_type, *index_types, params_type = signature.args
             per_line = lanes or LINE_BYTES // context.get_abi_sizeof(context.get_data_type(arrays_type[0].dtype))
-            vectors = _LineVectors(context, builder, per_line, runs_type[0].dtype)
+            vectors = _LineVectors(context, builder, per_line, None if exact else runs_type[0].dtype)
             column_offset, first, stop, channel = (
                 context.cast(builder, value, kind, types.intp) for value, kind in zip(args[2:6], index_types)
             )
@@ -279,13 +291,13 @@ def column_kernel(formula, lines, lanes=None):
     return column
 
 
-def column_sweep(formula, lines):
+def column_sweep(formula, lines, exact=False):
     """A Numba function ``sweep(runs, arrays, offset, r0, r1, width, params)``: :func:`column_kernel`
     over the columns [0, width), in strips of ``lines`` cache lines, then single lines, then single
     columns (each of them summed row after row, as every column is)."""
-    strip = column_kernel(formula, lines)
-    one_line = column_kernel(formula, 1)
-    one_column = column_kernel(formula, 1, lanes=1)
+    strip = column_kernel(formula, lines, exact=exact)
+    one_line = column_kernel(formula, 1, exact=exact)
+    one_column = column_kernel(formula, 1, lanes=1, exact=exact)
 
     @njit(inline="always", error_model="numpy", nogil=True)
     def sweep(runs, arrays, offset, r0, r1, width, params):
