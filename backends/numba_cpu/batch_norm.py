@@ -143,7 +143,7 @@ def _masked(relu, x, dx_target, scratch=False):
     """For the fused ReLU's backward, ``relu`` = (scale, shift, residual, g): the target of the masked
     gradient g, and the kernels' ``relu`` argument (z, g, scale, shift), z and g laid out as the
     kernels take x. g is dx itself (computed in place) when the caller wants no residual gradient,
-    or None then for kernels that mask into a ``scratch`` of their own."""
+    or None then for kernels that mask in registers or into a ``scratch`` of their own."""
     if relu is None:
         return None, None
     scale, shift, residual, g = relu
@@ -175,7 +175,8 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         return sum_dy, sum_dy_xmu
     dy, x = dense(dy), dense(x)
     fused = by_channel(x, kernels)
-    # the chunked long-row kernels mask into scratch of their own too, but their frozen element pass does not
+    # the chunked long-row kernels mask on their own too (sums from a row buffer, the training element
+    # pass in registers), but their frozen element pass does not
     chunked_scratch = not fused and not short_rows(x) and training
     g_target, masked = _masked(relu, x, target, scratch=fused or chunked_scratch)
     if fused:

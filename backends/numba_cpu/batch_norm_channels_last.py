@@ -150,9 +150,11 @@ def _masked_span(dy, x, z, g, f0, f1, tables, channels, again):
 
 @kernel
 def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy, sum_dy_xmu, relu, stream):
-    """With ``relu`` = (z, g, scale, shift), each row block first writes its rows of the masked
-    gradient (:func:`_masked_span`) and sums them from cache; the element pass masks its block again
-    (or reads g)."""
+    """With ``relu`` = (z, g, scale, shift), the fused ReLU's backward: without g (no residual), the
+    sums and the training element pass recompute the mask in registers as they read dy and x;
+    with g, each row block first writes its rows of the masked gradient into g (:func:`_masked_span`)
+    and sums them from cache, and the element pass reads g. The frozen element pass masks its
+    block into scratch again."""
     rows, channels, _ = x3.shape
     dy = dy3.reshape(rows, channels)
     x = x3.reshape(rows, channels)
@@ -181,10 +183,9 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
             params[0, c] = mean[c]
             params[1, c], params[2, c], params[3, c] = gradient_factors(mean_dy, k, scale_c)
         tables = line_tables(params, dx)
-        g = None if relu is None else flat(relu[1])
         for b in prange(blocks):
             f0, f1 = b * block, min(b * block + block, flat_dy.shape[0])
-            _gradient_span(flat_dy, flat_x, f0, f1, g, masks, tables, channels, dx, stream)
+            _gradient_span(flat_dy, flat_x, f0, f1, _masked_gradient(relu), masks, tables, channels, dx, stream)
             if stream:
                 store_fence()
     else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
@@ -272,6 +273,18 @@ def _gradient_span(dy, x, f0, f1, g, masks, tables, channels, dx, stream):
         write_gradient(g[f0:f1], x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream)
     else:
         write_gradient(dy[f0:f1], x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream, masks)
+
+
+def _masked_gradient(relu):
+    """The flat masked gradient g of ``relu`` (None without one, or without ``relu``): exactly typed,
+    not an Optional array: Numba passed one wrongly into a prange body (wrong dx on 3 threads and more)."""
+
+
+@overload(_masked_gradient, inline="always")
+def _masked_gradient_overload(relu):
+    if isinstance(relu, types.NoneType):
+        return lambda relu: None
+    return lambda relu: flat(relu[1])
 
 
 def _mask_tables(like, mean, relu):
