@@ -30,6 +30,17 @@ if EMULATOR_MISSING and EMULATOR_REQUIRED:
     raise pytest.UsageError(f"ACCELBN_CUDA_TESTS=required, but the CUDA-on-CPU harness cannot run: {EMULATOR_MISSING}")
 
 
+def pytest_collection_finish(session):
+    """Before a run of most of the suite, compile the CPU kernels into its cache in one process per
+    core (``python -m accelbn compile``): the tests then load them rather than compile them one at a
+    time in this process. A few seconds when they are cached already."""
+    if len(session.items) < 1000:
+        return
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "accelbn", "compile"], check=True, timeout=1800, stdout=subprocess.DEVNULL)
+
+
 @pytest.fixture
 def emulated_cupy(monkeypatch, request):
     """The stand-in cupy in ``sys.modules`` for one test, the backend bound to it, and a seeded
