@@ -30,11 +30,12 @@ if EMULATOR_MISSING and EMULATOR_REQUIRED:
     raise pytest.UsageError(f"ACCELBN_CUDA_TESTS=required, but the CUDA-on-CPU harness cannot run: {EMULATOR_MISSING}")
 
 
-def pytest_collection_finish(session):
-    """Before a run of most of the suite, compile the CPU kernels into its cache in one process per
-    core (``python -m accelbn compile``): the tests then load them rather than compile them one at a
-    time in this process. A few seconds when they are cached already."""
-    if len(session.items) < 1000:
+def pytest_sessionstart(session):
+    """Before a run of the whole suite (no paths given), compile the CPU kernels into its cache in one
+    process per core (``python -m accelbn compile``): the tests, in pytest-xdist's workers, then load
+    them rather than each compile them one at a time. A few seconds when they are cached already."""
+    config = session.config
+    if hasattr(config, "workerinput") or config.args_source != pytest.Config.ArgsSource.TESTPATHS:
         return
     import subprocess
 

@@ -202,9 +202,10 @@ VIEWS = {
 }
 
 
-def _run(shape, axis, dtype, config, monkeypatch, recorder):
-    """Every output for x and dy as contiguous arrays (with an aligned and an unaligned out=) and as
-    each of VIEWS, with the thresholds of ``config``, every kernel call going through ``recorder``."""
+def _run(shape, axis, dtype, config, monkeypatch, recorder, views=True):
+    """Every output for x and dy as contiguous arrays (with an aligned and an unaligned out=) and,
+    with ``views``, as each of VIEWS, with the thresholds of ``config``, every kernel call going
+    through ``recorder``."""
     monkeypatch.setattr(runtime, "choose", recorder)
     _configure(monkeypatch, config)
     x = random_array(shape, dtype, loc=3.0)
@@ -213,7 +214,7 @@ def _run(shape, axis, dtype, config, monkeypatch, recorder):
     for offset in (0, 1):  # out= one element past a line boundary: unaligned heads and tails
         out = np.empty(x.size + offset, dtype)[offset:].reshape(shape)
         results.append(numba_outputs(x, dy, axis, out))
-    for name, view in VIEWS.items():
+    for name, view in VIEWS.items() if views else ():
         xv, dyv = view(x, axis), view(dy, axis)
         np.testing.assert_array_equal(xv, x, err_msg=name)
         results.append(numba_outputs(xv, dyv, axis))
@@ -241,7 +242,7 @@ def test_every_kernel_path_is_reached(monkeypatch):
     for shape, axis in PATHS.values():
         for config in CONFIGS:
             with monkeypatch.context() as m:
-                _run(shape, axis, np.float32, config, m, recorder)
+                _run(shape, axis, np.float32, config, m, recorder, views=False)  # views reach the same kernels
     missing = sorted(_every_path() - recorder.calls, key=str)
     assert not missing, f"kernel paths no case reaches: {missing}"
 
