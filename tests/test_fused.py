@@ -63,6 +63,78 @@ def test_fused_is_the_unfused_chain_bit_for_bit(on, any_backend, layout, dtype, 
     assert on.get(grads[0]).dtype == x.dtype and on.get(grads[-1]).dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NCHW", "NCHW-chunks", "NHWC-axis-1", "NC-many-rows", "NCDHW"])
+def test_the_backward_mask_holds_where_the_relu_input_is_zero(on, any_backend, layout, dtype):
+    """Inputs on the ReLU's edge: integer x with a zero mean per channel (so many inputs of the ReLU
+    are exactly 0 and stop the gradient), negative, zero and positive weights, zero and nonzero biases:
+    the fused backward (which finds where the ReLU stopped x once per channel) is still the unfused chain."""
+    make, axis = LAYOUTS[layout]
+    half = np.rint(make() * 2)
+    x = np.concatenate([half, -half]).astype(dtype)  # each value and its negation: the means are 0
+    dy = random_array(x.shape, dtype, seed=12)
+    channels = x.shape[axis]
+    p = {
+        "running_mean": np.zeros(channels, dtype),
+        "running_var": np.ones(channels, dtype),
+        "weight": np.resize(np.array([1.25, -0.75, 0.0, 0.0, -2.0], dtype), channels),
+        "bias": np.resize(np.array([0.0, 0.0, -0.5, 0.5, 0.25], dtype), channels),
+    }
+    _, masked_dy, _, _ = _unfused(on, x, None, dy, p, True, axis, any_backend)
+    assert 0 < np.count_nonzero(masked_dy == 0) - np.count_nonzero(dy == 0) < x.size
+    w, b = on.put(p["weight"]), on.put(p["bias"])
+    _, stats = abn.batch_norm_relu(on.put(x), None, None, w, b, True, axis=axis, return_stats=True, backend=any_backend)
+    grads = abn.batch_norm_relu_backward(on.put(dy), on.put(x), stats, w, b, axis=axis, backend=any_backend)
+    want = abn.batch_norm_backward(on.put(masked_dy), on.put(x), stats, w, axis=axis, backend=any_backend)
+    for got, expected in zip(grads, want):
+        if any_backend == "numpy":
+            np.testing.assert_allclose(on.get(got), on.get(expected), rtol=1e-12 if dtype == np.float64 else 1e-5, atol=1e-12)
+        else:
+            np.testing.assert_array_equal(on.get(got), on.get(expected))
+
+
+def test_relu_stops_are_exactly_where_the_formula_stops():
+    """The stopped interval per channel (``elements.relu_stops``) against the forward's formula in
+    the dtype's own arithmetic, at its edges to a few ulps, at special values and at random values,
+    for ordinary channels and degenerate ones (scale 0 or infinite, shift infinite or NaN, a mean far
+    from the data)."""
+    from numba import njit
+
+    from accelbn.backends.numba_cpu.elements import relu_stops
+
+    stops_of = njit(lambda like, mean, scale, shift: relu_stops(like, mean, scale, shift))
+    rng = np.random.default_rng(3)
+    mean = np.concatenate([rng.standard_normal(40) * 10, [0.0, 1e30, -3.0, 0.5, 2.0, 1.0, 0.1, 0.0, 1.0, -1e-3]])
+    scale = np.concatenate([rng.uniform(-2, 2, 40), [0.0, 1.0, np.inf, 0.0, -np.inf, 1e-30, 0.0, 1.0, np.nan, -1e30]])
+    shift = np.concatenate([rng.standard_normal(40), [-1.0, 0.0, 1.0, 0.0, 0.5, -np.inf, np.inf, np.nan, 0.0, 1.0]])
+    for dtype in (np.float32, np.float64):
+        info = np.finfo(dtype)
+        stops = stops_of(np.zeros(1, dtype), mean, scale, shift)
+        assert stops.dtype == dtype
+        special = np.array([-np.inf, np.inf, np.nan, 0.0, -0.0, info.max, -info.max, info.tiny, -info.tiny,
+                            info.smallest_subnormal, -info.smallest_subnormal, 1.0, -1.0], dtype)
+        for c in range(mean.size):
+            hi = dtype(mean[c])
+            lo = dtype(mean[c] - np.float64(hi))
+            s, b = dtype(scale[c]), dtype(shift[c])
+            edges = [v for v in stops[:, c] if np.isfinite(v)] + [hi]
+            with np.errstate(over="ignore"):
+                near = [v for e in edges for v in _ulps_around(e, 4)]
+            x = np.concatenate([special, np.array(near, dtype), rng.standard_normal(200).astype(dtype) * 10, [hi]])
+            with np.errstate(all="ignore"):
+                formula = ((x - hi) - lo) * s + b <= 0
+            np.testing.assert_array_equal((x >= stops[0, c]) & (x <= stops[1, c]), formula,
+                                          err_msg=f"{np.dtype(dtype)} channel {c}: {stops[:, c]}")
+
+
+def _ulps_around(v, n):
+    below, above = [v], [v]
+    for _ in range(n):
+        below.append(np.nextafter(below[-1], -np.inf))
+        above.append(np.nextafter(above[-1], np.inf))
+    return below[1:] + above
+
+
 @pytest.mark.parametrize("residual", RESIDUAL)
 @pytest.mark.parametrize("layout", ["NCHW-chunks", "NHWC-axis-1", "NC-many-rows"])
 def test_matches_torch_autograd(on, any_backend, layout, residual):

@@ -9,7 +9,17 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from accelbn.backends.numba_cpu.elements import affine_params, row, span, write_affine, write_gradient, write_relu_gradient
+from accelbn.backends.numba_cpu.elements import (
+    affine_params,
+    channel_stops,
+    no_stops,
+    or_no_stops,
+    register_stops,
+    row,
+    write_affine,
+    write_gradient,
+    write_relu_gradient,
+)
 from accelbn.backends.numba_cpu.lines import store_fence, unit_stride
 from accelbn.backends.numba_cpu.reductions import chan_merge, gradient_sums, sum_shifted, sum_squared_deviations
 from accelbn.backends.numba_cpu.runtime import NESTED, kernel
@@ -34,12 +44,13 @@ def _chunk_moments(x, c, k, rows, segments):
 
 
 @njit(**NESTED)
-def _chunk_gradient_sums(dy, cd, x, c, mean, k, rows, segments):
-    """Sums over chunk k of channel c of x and channel ``cd`` of dy (c, or 0 in a channel's scratch)."""
+def _chunk_gradient_sums(dy, cd, x, c, mean, k, rows, segments, first, last):
+    """Sums over chunk k of channel c of x and channel ``cd`` of dy (c, or 0 in a channel's scratch),
+    dy masked where first <= x <= last (:func:`.reductions.gradient_sums`)."""
     r0, r1, i0, i1 = chunk_bounds(x, k, rows, segments)
     a, b = 0.0, 0.0
     for r in range(r0, r1):
-        ra, rb = gradient_sums(unit_stride(dy[r, cd, i0:i1]), unit_stride(x[r, c, i0:i1]), mean)
+        ra, rb = gradient_sums(unit_stride(dy[r, cd, i0:i1]), unit_stride(x[r, c, i0:i1]), mean, first, last)
         a += ra
         b += rb
     return a, b
@@ -84,21 +95,24 @@ def _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu, g, cg):
         write_relu_gradient(dy[r, c], x[r, c], row(z, r, c), i0, i1, p, 1, g[r, cg])
 
 
-# The fused ReLU's backward (``relu`` = (z, g, scale, shift)): the kernels first write the masked
-# gradient over the part they are about to sum, a chunk at a time, then read it where they would read
-# dy. One task per channel writes it to a scratch slice of its own, which stays in cache for the sums
-# and the element pass (and is streamed to g, the residual's gradient, when there is one): the mask
-# then costs nothing in memory traffic. The chunked kernels write it to g, which the element pass
-# reads.
+# The fused ReLU's backward (``relu`` = (z, g, scale, shift)). Without a residual, the kernels mask
+# dy in registers as they read it (the training passes: :func:`.elements.relu_stops`). With one, or
+# for frozen statistics, they first write the masked gradient over the part they are about to sum, a
+# chunk at a time, then read it where they would read dy. One task per channel writes it to a
+# scratch slice of its own, which stays in cache for the sums and the element pass (and is streamed
+# to g, the residual's gradient, when there is one). The chunked kernels write it to g, which the
+# element pass reads.
 
 
 @njit(**NESTED)
-def _channel_backward(src, cs, x, c, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream, masking):
-    """One channel's backward, reading dy from channel ``cs`` of ``src``; with ``masking`` = (dy,
-    relu), each chunk of src is first written as the masked dy."""
+def _channel_backward(src, cs, x, c, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream, masking, stops):
+    """One channel's backward, reading dy from channel ``cs`` of ``src``: masked where ``stops`` =
+    (first, last) holds x, or, with ``masking`` = (dy, relu), with each chunk of src first written as
+    the masked dy."""
     outer, _, inner = x.shape
     rows, segments, chunks = chunking(outer, inner)
     prefetching = 2 * rows * min(inner, STATS_CHUNK) * x.itemsize <= PREFETCH_CHUNK_BYTES
+    first, last = or_no_stops(stops, x)
     a, b = 0.0, 0.0
     for k in range(chunks):
         if masking is not None:
@@ -109,7 +123,7 @@ def _channel_backward(src, cs, x, c, mean, invstd, weight, training, dx, sum_dy,
         elif prefetching:
             prefetch_chunk(src, c, k + 1, rows, segments)
             prefetch_chunk(x, c, k + 1, rows, segments)
-        a_k, b_k = _chunk_gradient_sums(src, cs, x, c, mean[c], k, rows, segments)
+        a_k, b_k = _chunk_gradient_sums(src, cs, x, c, mean[c], k, rows, segments, first, last)
         a += a_k
         b += b_k
     sum_dy[c] = a
@@ -119,7 +133,7 @@ def _channel_backward(src, cs, x, c, mean, invstd, weight, training, dx, sum_dy,
         fa, fb, fc = gradient_factors(mean_dy, k_c, scale)
         params = (mean[c], fa, fb, fc)
         for r in range(outer - 1, -1, -1):
-            write_gradient(src[r, cs], x[r, c], 0, inner, params, 1, dx[r, c], stream)
+            write_gradient(src[r, cs], x[r, c], 0, inner, params, 1, dx[r, c], stream, stops)
     else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
         zero = as_element(dx, 0.0)
         frozen = (zero, zero, as_element(dx, weight[c] * invstd[c]), zero)
@@ -130,12 +144,16 @@ def _channel_backward(src, cs, x, c, mean, invstd, weight, training, dx, sum_dy,
 @kernel
 def _backward_by_channel(dy, x, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, relu, stream):
     outer, channels, inner = x.shape
+    stops = register_stops(dx, mean, relu)
     for c in prange(channels):
         if relu is None:
-            _channel_backward(dy, c, x, c, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream, None)
+            _channel_backward(dy, c, x, c, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream, None, None)
+        elif training and stops is not None:
+            _channel_backward(dy, c, x, c, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream, None,
+                              channel_stops(stops, c))
         else:
             scratch = np.empty((outer, 1, inner), dx.dtype)
-            _channel_backward(scratch, 0, x, c, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream, (dy, relu))
+            _channel_backward(scratch, 0, x, c, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, stream, (dy, relu), None)
             _store_channel(scratch, relu[1], c, stream)
         if stream:
             store_fence()
@@ -162,46 +180,40 @@ def _chunk_moments_all(x, count, part_mean, part_m2):
         count[k], part_mean[k, c], part_m2[k, c] = _chunk_moments(x, c, k, rows, segments)
 
 
-@njit(**NESTED)
-def _masked_row(dy, x, z, f0, f1, mean, scale, shift, buffer):
-    """dy's row span [f0, f1) masked by the forward's ReLU into the start of ``buffer``; returns it."""
-    hi, lo = split_mean(buffer, mean)
-    p = (hi, lo, as_element(buffer, scale), as_element(buffer, shift))
-    write_relu_gradient(dy[f0:f1], x[f0:f1], span(z, f0, f1), 0, f1 - f0, p, 1, buffer)
-    return buffer[: f1 - f0]
-
-
-@njit(**NESTED)
-def _chunk_sums_masked(dy, x, c, mean, k, rows, segments, relu, g):
-    """:func:`_chunk_gradient_sums` of the masked gradient: into g when there is one (the residual's
-    gradient, which the element pass reads), else a row at a time into a chunk-sized buffer, summed
-    from there (the element pass masks again: no full-size array)."""
-    if g is not None:
-        _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu, g, c)
-        return _chunk_gradient_sums(g, c, x, c, mean[c], k, rows, segments)
-    z, _, scale, shift = relu
-    r0, r1, i0, i1 = chunk_bounds(x, k, rows, segments)
-    buffer = np.empty(i1 - i0, x.dtype)
-    a, b = 0.0, 0.0
-    for r in range(r0, r1):
-        masked = _masked_row(dy[r, c], x[r, c], row(z, r, c), i0, i1, mean[c], scale[c], shift[c], buffer)
-        ra, rb = gradient_sums(unit_stride(masked), unit_stride(x[r, c, i0:i1]), mean[c])
-        a += ra
-        b += rb
-    return a, b
-
-
 @kernel
 def _chunk_gradient_sums_all(dy, x, mean, part_dy, part_dy_xmu, relu):
+    """The gradient sums of every chunk of every channel, into (chunks, C) arrays."""
     outer, channels, inner = x.shape
     rows, segments, chunks = chunking(outer, inner)
+    stops = register_stops(x, mean, relu)
     for j in prange(chunks * channels):
         k = j // channels
         c = j - k * channels
-        if relu is None:
-            part_dy[k, c], part_dy_xmu[k, c] = _chunk_gradient_sums(dy, c, x, c, mean[c], k, rows, segments)
-        else:
-            part_dy[k, c], part_dy_xmu[k, c] = _chunk_sums_masked(dy, x, c, mean, k, rows, segments, relu, relu[1])
+        part_dy[k, c], part_dy_xmu[k, c] = _any_chunk_sums(dy, x, c, mean, k, rows, segments, relu, stops)
+
+
+def _any_chunk_sums(dy, x, c, mean, k, rows, segments, relu, stops):
+    """:func:`_chunk_gradient_sums` of chunk k of channel c: of dy; with ``relu`` and no residual, of
+    dy masked in registers (``stops``: :func:`.elements.register_stops`); with g, of the masked
+    gradient written into g."""
+
+
+@overload(_any_chunk_sums, inline="always")
+def _any_chunk_sums_overload(dy, x, c, mean, k, rows, segments, relu, stops):
+    if isinstance(relu, types.NoneType) or not isinstance(stops, types.NoneType):
+
+        def in_registers(dy, x, c, mean, k, rows, segments, relu, stops):
+            first, last = or_no_stops(channel_stops(stops, c), x)
+            return _chunk_gradient_sums(dy, c, x, c, mean[c], k, rows, segments, first, last)
+
+        return in_registers
+
+    def written(dy, x, c, mean, k, rows, segments, relu, stops):
+        _relu_gradient_chunk(dy, x, c, k, rows, segments, mean, relu, relu[1], c)
+        first, last = no_stops(x)
+        return _chunk_gradient_sums(relu[1], c, x, c, mean[c], k, rows, segments, first, last)
+
+    return written
 
 
 @kernel
@@ -221,27 +233,11 @@ def _normalize_channels_first(x, mean, scale, shift, y, z, fused_relu, tasks, st
 def _gradient_channels_first(dy, x, params, dx, tasks, relu, stream):
     """The training gradient over the row segments; with ``relu`` = (None, None, scale, shift), of dy
     masked by the forward's ReLU in registers (no residual: its gradient would be g)."""
+    stops = register_stops(dx, params[0], relu)
     for t in prange(tasks):
         for u in task_segments(x, t, tasks):
             r, c, f0, f1 = segment(x, u)
             p = (params[0][c], params[1][c], params[2][c], params[3][c])
-            write_gradient(dy[r, c], x[r, c], f0, f1, p, 1, dx[r, c], stream, _row_masks(dx, params[0][c], relu, c))
+            write_gradient(dy[r, c], x[r, c], f0, f1, p, 1, dx[r, c], stream, channel_stops(stops, c))
         if stream:
             store_fence()
-
-
-def _row_masks(like, mean, relu, c):
-    """Channel c's parameters of the forward's ReLU input in ``like``'s dtype (hi, lo, scale, shift),
-    for :func:`.elements.write_gradient`; None without ``relu``."""
-
-
-@overload(_row_masks, inline="always")
-def _row_masks_overload(like, mean, relu, c):
-    if isinstance(relu, types.NoneType):
-        return lambda like, mean, relu, c: None
-
-    def masks(like, mean, relu, c):
-        hi, lo = split_mean(like, mean)
-        return hi, lo, as_element(like, relu[2][c]), as_element(like, relu[3][c])
-
-    return masks

@@ -16,6 +16,7 @@ from accelbn.backends.numba_cpu.elements import (
     line_tables,
     masked_gradient_columns,
     span,
+    stop_tables,
     write_affine,
     write_gradient,
     write_relu_gradient,
@@ -77,18 +78,18 @@ def _row_block_moments(x, r0, r1, mean, m2):
 
 
 @njit(**OPTIONS)
-def _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu, masks=None):
+def _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu, stops=None):
     """Sums of dy and dy * (x - mean) over rows [r0, r1) of the (rows, C) dy and x, in float64
     throughout, as :func:`gradient_sums`; STREAM_ROW_RUN rows at a time, each over all columns. With
-    ``masks`` (:func:`_mask_tables`), of dy masked by the forward's ReLU, in registers."""
+    ``stops`` (:func:`_stop_tables`), of dy masked by the forward's ReLU, in registers."""
     fill_zero(sum_dy)
     fill_zero(sum_dy_xmu)
     for q in range(r0, r1, STREAM_ROW_RUN):
         q1 = min(q + STREAM_ROW_RUN, r1)
-        if masks is None:
+        if stops is None:
             gradient_columns((sum_dy, sum_dy_xmu), (dy, x), 0, q, q1, x.shape[1], (mean,))
         else:
-            masked_gradient_columns((sum_dy, sum_dy_xmu), (dy, x), 0, q, q1, x.shape[1], (mean, masks[0], masks[1], masks[2], masks[3]))
+            masked_gradient_columns((sum_dy, sum_dy_xmu), (dy, x), 0, q, q1, x.shape[1], (mean, stops[0], stops[1]))
 
 
 @kernel
@@ -167,13 +168,14 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
     part_dy = np.empty((blocks, channels))
     part_dy_xmu = np.empty((blocks, channels))
     masks = _mask_tables(dx, mean, relu)
+    stops = _stop_tables(dx, mean, relu)
     for b in prange(blocks):
         r0 = b * block_rows
         r1 = min(r0 + block_rows, rows)
         if relu is None:
             _row_block_gradient_sums(dy, x, mean, r0, r1, part_dy[b], part_dy_xmu[b])
         else:
-            _masked_block_sums(dy, x, mean, relu, flat(relu[1]), masks, r0, r1, part_dy[b], part_dy_xmu[b])
+            _masked_block_sums(dy, x, mean, relu, flat(relu[1]), masks, stops, r0, r1, part_dy[b], part_dy_xmu[b])
     sum_parts(part_dy, sum_dy)
     sum_parts(part_dy_xmu, sum_dy_xmu)
     if training:
@@ -185,7 +187,7 @@ def _backward_channels_last(dy3, x3, mean, invstd, weight, training, dx3, sum_dy
         tables = line_tables(params, dx)
         for b in prange(blocks):
             f0, f1 = b * block, min(b * block + block, flat_dy.shape[0])
-            _gradient_span(flat_dy, flat_x, f0, f1, _masked_gradient(relu), masks, tables, channels, dx, stream)
+            _gradient_span(flat_dy, flat_x, f0, f1, _masked_gradient(relu), stops, tables, channels, dx, stream)
             if stream:
                 store_fence()
     else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
@@ -253,11 +255,12 @@ def _gradient_channels_last(dy3, x3, params, dx3, stream):
 
 
 @njit(**NESTED)
-def _masked_block_sums(dy, x, mean, relu, g, masks, r0, r1, sum_dy, sum_dy_xmu):
-    """The fused ReLU's gradient sums over rows [r0, r1): the mask in registers, or, where the
-    masked gradient g is wanted too (the residual's gradient), written into g and summed from it."""
+def _masked_block_sums(dy, x, mean, relu, g, masks, stops, r0, r1, sum_dy, sum_dy_xmu):
+    """The fused ReLU's gradient sums over rows [r0, r1): the mask in registers (``stops``), or,
+    where the masked gradient g is wanted too (the residual's gradient), written into g (``masks``)
+    and summed from it."""
     if g is None:
-        _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu, masks)
+        _row_block_gradient_sums(dy, x, mean, r0, r1, sum_dy, sum_dy_xmu, stops)
     else:
         channels = x.shape[1]
         masked = _masked_span(dy.reshape(-1), x.reshape(-1), flat(relu[0]), g, r0 * channels, r1 * channels, masks,
@@ -266,13 +269,13 @@ def _masked_block_sums(dy, x, mean, relu, g, masks, r0, r1, sum_dy, sum_dy_xmu):
 
 
 @njit(**NESTED)
-def _gradient_span(dy, x, f0, f1, g, masks, tables, channels, dx, stream):
+def _gradient_span(dy, x, f0, f1, g, stops, tables, channels, dx, stream):
     """The training gradient over elements [f0, f1) (whole rows): of dy, of dy masked in registers
-    (``masks`` without g), or of the masked gradient g."""
+    (``stops`` without g), or of the masked gradient g."""
     if g is not None:
         write_gradient(g[f0:f1], x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream)
     else:
-        write_gradient(dy[f0:f1], x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream, masks)
+        write_gradient(dy[f0:f1], x[f0:f1], 0, f1 - f0, tables, channels, dx[f0:f1], stream, stops)
 
 
 def _masked_gradient(relu):
@@ -288,8 +291,8 @@ def _masked_gradient_overload(relu):
 
 
 def _mask_tables(like, mean, relu):
-    """The masked gradient's element tables (:func:`.elements.affine_tables`), once per call; None
-    without ``relu``."""
+    """The tables that write the masked gradient (:func:`.elements.affine_tables`), once per call;
+    None without ``relu``."""
 
 
 @overload(_mask_tables, inline="always")
@@ -297,6 +300,18 @@ def _mask_tables_overload(like, mean, relu):
     if isinstance(relu, types.NoneType):
         return lambda like, mean, relu: None
     return lambda like, mean, relu: affine_tables(like, mean, relu[2], relu[3])
+
+
+def _stop_tables(like, mean, relu):
+    """The tables that mask in registers (:func:`.elements.stop_tables`), once per call; None without
+    ``relu``, or where the masked gradient is written to g."""
+
+
+@overload(_stop_tables, inline="always")
+def _stop_tables_overload(like, mean, relu):
+    if isinstance(relu, types.BaseTuple) and isinstance(relu[1], types.NoneType):
+        return lambda like, mean, relu: stop_tables(like, mean, relu[2], relu[3])
+    return lambda like, mean, relu: None
 
 
 @njit(**NESTED)

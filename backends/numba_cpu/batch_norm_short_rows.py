@@ -2,9 +2,19 @@
 on the dense array viewed as (outer, C * inner), in blocks of consecutive channels."""
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from accelbn.backends.numba_cpu.elements import affine_params, part, spread, write_affine, write_gradient, write_relu_gradient
+from accelbn.backends.numba_cpu.elements import (
+    affine_params,
+    masked_gradient_columns,
+    part,
+    register_stops,
+    spread,
+    write_affine,
+    write_gradient,
+    write_relu_gradient,
+)
 from accelbn.backends.numba_cpu.lines import store_fence
 from accelbn.backends.numba_cpu.reductions import chan_merge, gradient_columns, shifted_columns, squared_deviation_columns, vector_sum
 from accelbn.backends.numba_cpu.runtime import NESTED, kernel
@@ -53,9 +63,10 @@ def _block_moments(x, inner, c0, c1, r0, r1, mean, m2):
 
 
 @njit(**NESTED)
-def _block_gradient_sums(dy, x, inner, c0, c1, r0, r1, mean, sum_dy, sum_dy_xmu):
+def _block_gradient_sums(dy, x, inner, c0, c1, r0, r1, mean, sum_dy, sum_dy_xmu, stops=None):
     """Sums of dy and dy * (x - mean) over rows [r0, r1) of channels [c0, c1), indexed from c0; down
-    the rows first, as :func:`_block_moments`."""
+    the rows first, as :func:`_block_moments`. With ``stops`` (the run tables of
+    :func:`.elements.relu_stops`), of dy masked by the forward's ReLU, in registers."""
     j0 = c0 * inner
     width = (c1 - c0) * inner
     column_dy = np.zeros(width)
@@ -69,7 +80,10 @@ def _block_gradient_sums(dy, x, inner, c0, c1, r0, r1, mean, sum_dy, sum_dy_xmu)
         for r in range(q1, q1 + STREAM_ROW_RUN):
             prefetch_run(dy, r, r1, j0, width)
             prefetch_run(x, r, r1, j0, width)
-        gradient_columns((column_dy, column_dy_xmu), (dy, x), j0, q, q1, width, (center,))
+        if stops is None:
+            gradient_columns((column_dy, column_dy_xmu), (dy, x), j0, q, q1, width, (center,))
+        else:
+            masked_gradient_columns((column_dy, column_dy_xmu), (dy, x), j0, q, q1, width, (center, stops[0], stops[1]))
     for c in range(c1 - c0):
         sum_dy[c] = vector_sum(column_dy[c * inner : (c + 1) * inner])
         sum_dy_xmu[c] = vector_sum(column_dy_xmu[c * inner : (c + 1) * inner])
@@ -139,19 +153,23 @@ def _block_scratch(g, j0, j1, like):
 @kernel
 def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, sum_dy, sum_dy_xmu, relu, stream):
     """:func:`_backward_by_channel` for short rows, one task per block of channels, on the block's
-    columns of dy (or of its masked gradient, with ``relu``) and x."""
+    columns of dy and x: with ``relu``, of dy masked in registers (training, no residual), or of its
+    masked gradient written to scratch or g."""
     outer = x.shape[0]
     channels = x.shape[1] // inner
     rows = chunking(outer, inner)[0]
+    stops = register_stops(x, mean, relu)
+    registers = training and stops is not None
     for b in prange((channels + block - 1) // block):
         c0 = b * block
         c1 = min(c0 + block, channels)
         j0 = c0 * inner
         j1 = c1 * inner
-        if relu is None:
-            src = dy[:, j0:j1]
-        else:
-            src = _block_scratch(relu[1], j0, j1, x)
+        src = dy[:, j0:j1]
+        if relu is not None:
+            if not registers:
+                src = _block_scratch(relu[1], j0, j1, x)
+        block_stops = _block_stops(stops, c0, c1, inner)
         xs = x[:, j0:j1]
         chunk_dy = np.empty(c1 - c0)
         chunk_dy_xmu = np.empty(c1 - c0)
@@ -159,9 +177,12 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
         total_dy_xmu = np.zeros(c1 - c0)
         for r0 in range(0, outer, rows):
             r1 = min(r0 + rows, outer)
-            if relu is not None:
-                _relu_gradient_block(dy, x, inner, c0, c1, r0, r1, mean, relu, src)
-            _block_gradient_sums(src, xs, inner, 0, c1 - c0, r0, r1, mean[c0:c1], chunk_dy, chunk_dy_xmu)
+            if registers:
+                _block_gradient_sums(src, xs, inner, 0, c1 - c0, r0, r1, mean[c0:c1], chunk_dy, chunk_dy_xmu, block_stops)
+            else:
+                if relu is not None:
+                    _relu_gradient_block(dy, x, inner, c0, c1, r0, r1, mean, relu, src)
+                _block_gradient_sums(src, xs, inner, 0, c1 - c0, r0, r1, mean[c0:c1], chunk_dy, chunk_dy_xmu)
             for c in range(c1 - c0):
                 total_dy[c] += chunk_dy[c]
                 total_dy_xmu[c] += chunk_dy_xmu[c]
@@ -179,7 +200,7 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
             fa, fb, fc = gradient_factors(mean_dy, k, scale)
             params = (spread(mean[c0:c1], inner), spread(fa, inner), spread(fb, inner), spread(fc, inner))
             for r in range(outer - 1, -1, -1):
-                write_gradient(src[r], xs[r], 0, j1 - j0, params, j1 - j0, dx[r, j0:j1], stream)
+                write_gradient(src[r], xs[r], 0, j1 - j0, params, j1 - j0, dx[r, j0:j1], stream, block_stops)
         else:  # frozen statistics: dx = dy * weight * invstd, whatever x holds
             zero = as_element(dx, 0.0)
             frozen_scale = np.empty(c1 - c0, dx.dtype)
@@ -190,6 +211,18 @@ def _backward_by_block(dy, x, inner, block, mean, invstd, weight, training, dx, 
                 write_affine(src[r], 0, j1 - j0, frozen, j1 - j0, dx[r, j0:j1], stream)
         if stream:
             store_fence()
+
+
+def _block_stops(stops, c0, c1, inner):
+    """The run tables (first, last) of channels [c0, c1) of :func:`.elements.relu_stops`; None
+    without ``stops``."""
+
+
+@overload(_block_stops, inline="always")
+def _block_stops_overload(stops, c0, c1, inner):
+    if isinstance(stops, types.NoneType):
+        return lambda stops, c0, c1, inner: None
+    return lambda stops, c0, c1, inner: (spread(stops[0, c0:c1], inner), spread(stops[1, c0:c1], inner))
 
 
 @kernel

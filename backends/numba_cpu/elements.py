@@ -8,9 +8,9 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from accelbn.backends.numba_cpu.lines import LINE_BYTES, column_sweep, fma, line_kernel, passed, relu
+from accelbn.backends.numba_cpu.lines import LINE_BYTES, column_sweep, fma, line_kernel, passed, passed_outside, relu
 from accelbn.backends.numba_cpu.runtime import NESTED, OPTIONS
-from accelbn.backends.numba_cpu.scalars import as_element, at, split_mean
+from accelbn.backends.numba_cpu.scalars import as_element, at, from_ordered_key, ordered_key, split_mean
 
 
 # The normalize pass computes in x's dtype, as PyTorch does. The mean is split into a high part (the
@@ -44,16 +44,16 @@ def _gradient(dy, x, mean, a, b, c):
     return fma(x - mean, b, fma(dy, a, c))
 
 
-def _masked_gradient(dy, x, mean_hi, mean_lo, scale, shift, mean, a, b, c):
-    """The training gradient of dy masked by the forward's ReLU (the ReLU's input recomputed in x's
-    dtype, as :func:`_relu_gradient`), in float64 as :func:`_gradient`: for the exact line kernels."""
-    return _gradient(passed(_affine(x, mean_hi, mean_lo, scale, shift), dy).widen(), x.widen(), mean, a, b, c)
+def _masked_gradient(dy, x, first, last, mean, a, b, c):
+    """The training gradient of dy masked by the forward's ReLU (stopped where x is in [first, last]:
+    :func:`relu_stops`), in float64 as :func:`_gradient`: for the exact line kernels."""
+    return _gradient(passed_outside(x, first, last, dy).widen(), x.widen(), mean, a, b, c)
 
 
-def _masked_gradient_terms(dy, x, mean, mean_hi, mean_lo, scale, shift):
+def _masked_gradient_terms(dy, x, mean, first, last):
     """The gradient sums' terms of dy masked by the forward's ReLU, in float64: for the exact column
     kernels."""
-    g = passed(_affine(x, mean_hi, mean_lo, scale, shift), dy).widen()
+    g = passed_outside(x, first, last, dy).widen()
     return g, g * (x.widen() - mean)
 
 
@@ -128,12 +128,12 @@ def _affine_line_at(y, f, x, z, params, c, stream, fused_relu):
 
 
 @njit(**NESTED)
-def _gradient_elements(dy, x, f0, f1, params, period, dx, masks):
+def _gradient_elements(dy, x, f0, f1, params, period, dx, stops):
     c = f0 % period
     for f in range(f0, f1):
         g = dy[f]
-        if masks is not None:
-            g = passed(_affine_element(x[f], at(masks[0], c), at(masks[1], c), at(masks[2], c), at(masks[3], c)), g)
+        if stops is not None:
+            g = passed_outside(x[f], at(stops[0], c), at(stops[1], c), g)
         dx[f] = _gradient_element(
             np.float64(g),
             np.float64(x[f]),
@@ -243,32 +243,32 @@ def _flat_overload(a):
 
 
 @njit(**NESTED)
-def write_gradient(dy, x, f0, f1, params, period, dx, stream, masks=None):
-    """dx[f0:f1] = the training gradient; with ``masks`` (the tables of :func:`affine_tables` for the
-    forward's ReLU), of dy masked where that ReLU stopped its input, recomputed in registers."""
+def write_gradient(dy, x, f0, f1, params, period, dx, stream, stops=None):
+    """dx[f0:f1] = the training gradient; with ``stops`` (first, last: scalars or tables of
+    :func:`relu_stops`), of dy masked where the forward's ReLU stopped its input."""
     a, e = _line_span(dx, f0, f1, stream)
-    _gradient_elements(dy, x, f0, a, params, period, dx, masks)
+    _gradient_elements(dy, x, f0, a, params, period, dx, stops)
     line = LINE_BYTES // dx.itemsize
     step = line % period
     c = a % period
     for f in range(a, e, line):
-        _gradient_line_at(dx, f, dy, x, params, c, stream, masks)
+        _gradient_line_at(dx, f, dy, x, params, c, stream, stops)
         c += step
         if c >= period:
             c -= period
-    _gradient_elements(dy, x, e, f1, params, period, dx, masks)
+    _gradient_elements(dy, x, e, f1, params, period, dx, stops)
 
 
 @njit(**NESTED)
-def _gradient_line_at(dx, f, dy, x, params, c, stream, masks):
+def _gradient_line_at(dx, f, dy, x, params, c, stream, stops):
     """One line of :func:`write_gradient`: plain, or masked by the forward's ReLU."""
-    if masks is None:
+    if stops is None:
         if stream:
             _gradient_line_streamed(dx, f, (dy, x), params, c)
         else:
             _gradient_line(dx, f, (dy, x), params, c)
     else:
-        both = (masks[0], masks[1], masks[2], masks[3], params[0], params[1], params[2], params[3])
+        both = (stops[0], stops[1], params[0], params[1], params[2], params[3])
         if stream:
             _masked_gradient_line_streamed(dx, f, (dy, x), both, c)
         else:
@@ -293,11 +293,137 @@ def affine_tables(y, mean, scale, shift):
     return line_tables(affine_params(y, mean, scale, shift), y)
 
 
+# The fused ReLU's backward masks dy where the forward's ReLU stopped its input, relu(((x - mean_hi) -
+# mean_lo) * scale + shift) in x's dtype. Every step of that formula is a rounded monotone function of
+# x, so the x it stopped (its input <= 0) form an interval of each channel's values, whatever scale and
+# shift are (an empty interval, or all finite x where scale is 0 and shift <= 0, included). Found once
+# per channel by searching the floats in order, it makes the mask two comparisons instead of the
+# formula's arithmetic, with the same bits.
+
+
+@njit(**NESTED)
+def _stopped(like, key, p):
+    return _affine_element(from_ordered_key(key, like), p[0], p[1], p[2], p[3]) <= 0
+
+
+@njit(inline="always")
+def _beyond(a, b, n):
+    """Whether b is more than n keys from a (no overflow for keys of ±inf)."""
+    return b > a + n if b > a else a > b + n
+
+
+@njit(**NESTED)
+def _edge(like, p, inside, end, guess):
+    """The stopped key farthest from the stopped key ``inside`` towards ``end``, where the stopped
+    keys between them are one run from ``inside``: galloping from ``guess`` (where it lies between
+    them), then bisecting."""
+    if _stopped(like, end, p):
+        return end
+    outside = end
+    toward = 1 if end > inside else -1
+    if (guess - inside) * toward > 0 and (end - guess) * toward > 0:
+        step = 1
+        if _stopped(like, guess, p):
+            inside = guess
+            while step < 1 << 60 and _beyond(inside, outside, step):
+                if not _stopped(like, inside + toward * step, p):
+                    outside = inside + toward * step
+                    break
+                inside += toward * step
+                step *= 2
+        else:
+            outside = guess
+            while step < 1 << 60 and _beyond(inside, outside, step):
+                if _stopped(like, outside - toward * step, p):
+                    inside = outside - toward * step
+                    break
+                outside -= toward * step
+                step *= 2
+    while _beyond(inside, outside, 1):
+        middle = inside // 2 + outside // 2 + (inside % 2 + outside % 2) // 2
+        if _stopped(like, middle, p):
+            inside = middle
+        else:
+            outside = middle
+    return inside
+
+
+@njit(**NESTED)
+def relu_stops(like, mean, scale, shift):
+    """Rows (first, last) in ``like``'s dtype: channel c's ReLU after the affine pass of ``mean``,
+    ``scale`` and ``shift`` (:func:`affine_params`) stopped exactly the x with first <= x <= last
+    (first > last: none), for :func:`.lines.passed_outside`."""
+    stops = np.empty((2, mean.shape[0]), like.dtype)
+    bottom = ordered_key(as_element(like, -np.inf))
+    top = ordered_key(as_element(like, np.inf))
+    for c in range(mean.shape[0]):
+        hi, lo = split_mean(like, mean[c])
+        p = (hi, lo, as_element(like, scale[c]), as_element(like, shift[c]))
+        root = as_element(like, mean[c] - shift[c] / scale[c]) if scale[c] != 0 else as_element(like, np.nan)
+        guess = ordered_key(root) if np.isfinite(root) else bottom
+        stops[0, c], stops[1, c] = as_element(like, np.inf), as_element(like, -np.inf)
+        # a stopped x, where there is one: -inf (scale > 0, or +inf), +inf (scale < 0, or -inf), or
+        # mean_hi (scale = 0)
+        for seed in (bottom, top, ordered_key(hi)):
+            if _stopped(like, seed, p):
+                stops[0, c] = from_ordered_key(_edge(like, p, seed, bottom, guess), like)
+                stops[1, c] = from_ordered_key(_edge(like, p, seed, top, guess), like)
+                break
+    return stops
+
+
+@njit(inline="always")
+def no_stops(like):
+    """The empty interval of :func:`relu_stops` in ``like``'s dtype: nothing masked."""
+    return as_element(like, np.inf), as_element(like, -np.inf)
+
+
+def register_stops(like, mean, relu):
+    """:func:`relu_stops` of the kernels' ``relu`` = (z, g, scale, shift) when the mask goes in
+    registers (no residual: z and g None); None otherwise (no ReLU, or a masked gradient written to g)."""
+
+
+@overload(register_stops, inline="always")
+def _register_stops_overload(like, mean, relu):
+    if isinstance(relu, types.BaseTuple) and isinstance(relu[0], types.NoneType) and isinstance(relu[1], types.NoneType):
+        return lambda like, mean, relu: relu_stops(like, mean, relu[2], relu[3])
+    return lambda like, mean, relu: None
+
+
+def channel_stops(stops, c):
+    """Channel c's (first, last) of :func:`relu_stops`; None without ``stops``."""
+
+
+@overload(channel_stops, inline="always")
+def _channel_stops_overload(stops, c):
+    if isinstance(stops, types.NoneType):
+        return lambda stops, c: None
+    return lambda stops, c: (stops[0, c], stops[1, c])
+
+
+def or_no_stops(stops, like):
+    """``stops`` = (first, last), or :func:`no_stops` where it is None."""
+
+
+@overload(or_no_stops, inline="always")
+def _or_no_stops_overload(stops, like):
+    if isinstance(stops, types.NoneType):
+        return lambda stops, like: no_stops(like)
+    return lambda stops, like: stops
+
+
 @njit(**NESTED)
 def line_tables(params, out):
     """The four rows of ``params`` as :func:`_cyclic` tables for the lines of ``out``."""
     tables = _cyclic(params, LINE_BYTES // out.itemsize)
     return tables[0], tables[1], tables[2], tables[3]
+
+
+@njit(**NESTED)
+def stop_tables(like, mean, scale, shift):
+    """:func:`relu_stops` as :func:`_cyclic` tables (first, last) for the lines of ``like``."""
+    tables = _cyclic(relu_stops(like, mean, scale, shift), LINE_BYTES // like.itemsize)
+    return tables[0], tables[1]
 
 
 @njit(**OPTIONS)

@@ -71,6 +71,12 @@ class _Vector:
         stopped = self.builder.fcmp_ordered("<=", self.value, ir.Constant(self.value.type, None))
         return _Vector(self.builder, self.builder.select(stopped, zero, gradient.value))
 
+    def passed_outside(self, first, last, gradient):
+        zero = ir.Constant(gradient.value.type, None)
+        builder = self.builder
+        stopped = builder.and_(builder.fcmp_ordered(">=", self.value, first.value), builder.fcmp_ordered("<=", self.value, last.value))
+        return _Vector(builder, builder.select(stopped, zero, gradient.value))
+
 
 def _fused_multiply_add(builder, a, b, c):
     """LLVM's ``a * b + c`` rounded once, on floats or float vectors (an FMA instruction where the
@@ -148,6 +154,31 @@ def _passed_overload(v, gradient):
 
     def impl(v, gradient):
         if v <= 0:
+            return kind(0)
+        return gradient
+
+    return impl
+
+
+def passed_outside(x, first, last, gradient):
+    """``0 if first <= x <= last else gradient``: the gradient a ReLU lets through where it stopped
+    exactly the x in [first, last] (a NaN x passes; an empty interval, first > last, passes all), on
+    line vectors and Numba floats alike. :func:`.elements.relu_stops` gives the interval of
+    :func:`passed` applied to batch norm's output, so that a mask costs two comparisons, not the
+    output's arithmetic."""
+    if not isinstance(x, _Vector):
+        raise TypeError("passed_outside works in Numba code and in line_kernel formulas")
+    return x.passed_outside(first, last, gradient)
+
+
+@overload(passed_outside, inline="always")
+def _passed_outside_overload(x, first, last, gradient):
+    if not (isinstance(x, types.Float) and isinstance(gradient, types.Float)):
+        return None
+    kind = gradient
+
+    def impl(x, first, last, gradient):
+        if x >= first and x <= last:
             return kind(0)
         return gradient
 

@@ -10,7 +10,7 @@ when the function is compiled. Everything else is strict IEEE arithmetic.
 import numpy as np
 from numba import njit
 
-from accelbn.backends.numba_cpu.lines import column_sweep
+from accelbn.backends.numba_cpu.lines import column_sweep, passed_outside
 from accelbn.backends.numba_cpu.runtime import NESTED, NESTED_REDUCTION, OPTIONS, REDUCTION
 from accelbn.backends.numba_cpu.scalars import as_element, fill_zero, split_mean
 
@@ -88,14 +88,16 @@ def sum_squared_deviations(v, mean):
 
 # Contracted: the product and its sum in one fused multiply-add, one rounding fewer and faster.
 @njit(**dict(REDUCTION, fastmath={"reassoc", "contract"}))
-def gradient_sums(dy, x, mean):
-    """Sums of dy and of dy * (x - mean), in float64 throughout: a product of two float32 numbers is
-    exact in float64, and the gradient needs the second sum exactly where dx cancels to far below dy
-    (dy nearly a linear function of x)."""
+def gradient_sums(dy, x, mean, first, last):
+    """Sums of g and of g * (x - mean), g = dy masked where first <= x <= last (the fused ReLU's
+    backward, :func:`.elements.relu_stops`; batch norm's own passes an empty interval, so that both
+    add in the one order LLVM chose for this loop), in float64 throughout: a product of two float32
+    numbers is exact in float64, and the gradient needs the second sum exactly where dx cancels to
+    far below dy (dy nearly a linear function of x)."""
     sum_dy = 0.0
     sum_dy_xmu = 0.0
     for i in range(dy.shape[0]):
-        g = np.float64(dy[i])
+        g = np.float64(passed_outside(x[i], first, last, dy[i]))
         sum_dy += g
         sum_dy_xmu += g * (np.float64(x[i]) - mean)
     return sum_dy, sum_dy_xmu

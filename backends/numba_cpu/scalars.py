@@ -2,8 +2,9 @@
 compiled for use inside kernels, conversions to an array's element dtype, and small array loops."""
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from accelbn.backends import formulas
 from accelbn.backends.numba_cpu.runtime import NESTED, OPTIONS
@@ -93,3 +94,47 @@ def split_mean(a, v):
     """v as a high part in a's dtype and the low remainder, for x - v to keep its accuracy."""
     hi = as_element(a, v)
     return hi, as_element(a, v - np.float64(hi))
+
+
+# Floats in order as integers, for searches over every value of a dtype: the bits of a float, with
+# the negatives' magnitudes negated, order the non-NaN floats as their values do (-0.0 and 0.0 both
+# map to 0), and adjacent floats map to adjacent integers.
+
+
+@intrinsic
+def ordered_key(typingctx, v):
+    """The int64 whose order among keys is float v's among floats (v not NaN)."""
+    if not isinstance(v, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        width = v.bitwidth
+        bits = builder.bitcast(args[0], ir.IntType(width))
+        if width < 64:
+            bits = builder.sext(bits, ir.IntType(64))
+        magnitude = builder.and_(bits, ir.Constant(ir.IntType(64), (1 << (width - 1)) - 1))
+        negative = builder.icmp_signed("<", bits, ir.Constant(ir.IntType(64), 0))
+        return builder.select(negative, builder.neg(magnitude), bits)
+
+    return types.int64(v), codegen
+
+
+@intrinsic
+def from_ordered_key(typingctx, key, like):
+    """The float of array ``like``'s dtype whose :func:`ordered_key` is ``key``."""
+    if not (isinstance(key, types.Integer) and isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
+        return None
+    element = like.dtype
+
+    def codegen(context, builder, signature, args):
+        width = element.bitwidth
+        key64 = context.cast(builder, args[0], key, types.int64)
+        negative = builder.icmp_signed("<", key64, ir.Constant(ir.IntType(64), 0))
+        magnitude = builder.select(negative, builder.neg(key64), key64)
+        sign = ir.Constant(ir.IntType(64), -(1 << 63) if width == 64 else 1 << (width - 1))
+        bits = builder.select(negative, builder.or_(magnitude, sign), magnitude)
+        if width < 64:
+            bits = builder.trunc(bits, ir.IntType(width))
+        return builder.bitcast(bits, context.get_data_type(element))
+
+    return element(key, like), codegen
