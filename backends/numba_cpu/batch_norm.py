@@ -175,8 +175,7 @@ def backward(kernels, dy, x, mean, invstd, weight, training, dx, relu=None):
         return sum_dy, sum_dy_xmu
     dy, x = dense(dy), dense(x)
     fused = by_channel(x, kernels)
-    # the chunked long-row kernels mask on their own too (sums from a row buffer, the training element
-    # pass in registers), but their frozen element pass does not
+    # the chunked long-row kernels mask in registers too, but their frozen element pass does not
     chunked_scratch = not fused and not short_rows(x) and training
     g_target, masked = _masked(relu, x, target, scratch=fused or chunked_scratch)
     if fused:

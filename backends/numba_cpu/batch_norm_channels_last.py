@@ -15,6 +15,7 @@ from accelbn.backends.numba_cpu.elements import (
     flat,
     line_tables,
     masked_gradient_columns,
+    masks_in_registers,
     span,
     stop_tables,
     write_affine,
@@ -309,7 +310,7 @@ def _stop_tables(like, mean, relu):
 
 @overload(_stop_tables, inline="always")
 def _stop_tables_overload(like, mean, relu):
-    if isinstance(relu, types.BaseTuple) and isinstance(relu[1], types.NoneType):
+    if masks_in_registers(relu):
         return lambda like, mean, relu: stop_tables(like, mean, relu[2], relu[3])
     return lambda like, mean, relu: None
 

@@ -383,9 +383,15 @@ def register_stops(like, mean, relu):
     registers (no residual: z and g None); None otherwise (no ReLU, or a masked gradient written to g)."""
 
 
+def masks_in_registers(relu):
+    """Whether kernels given ``relu`` (the Numba type of their (z, g, scale, shift), or None) mask in
+    registers: a ReLU with no residual, so no z to add and no g to write."""
+    return isinstance(relu, types.BaseTuple) and isinstance(relu[0], types.NoneType) and isinstance(relu[1], types.NoneType)
+
+
 @overload(register_stops, inline="always")
 def _register_stops_overload(like, mean, relu):
-    if isinstance(relu, types.BaseTuple) and isinstance(relu[0], types.NoneType) and isinstance(relu[1], types.NoneType):
+    if masks_in_registers(relu):
         return lambda like, mean, relu: relu_stops(like, mean, relu[2], relu[3])
     return lambda like, mean, relu: None
 
